@@ -31,6 +31,7 @@ class Settings:
     queue_depth: int
     log_level: str
     snapshot_every: int
+    kill_grace: float
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,13 @@ SETTINGS: tuple[Setting, ...] = (
         lambda env: "info",
         _log_level,
         "debug, info, warning or error",
+    ),
+    Setting(
+        "kill_grace",
+        "EXOD_KILL_GRACE",
+        lambda env: "5",
+        _seconds,
+        "seconds between SIGTERM and SIGKILL when a runner is ended",
     ),
     Setting(
         "snapshot_every",

@@ -1,0 +1,1 @@
+"""exoctl: the command-line client of exod (run, status, kill, events, models)."""

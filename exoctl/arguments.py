@@ -1,0 +1,115 @@
+"""Checking what the user typed before anything is sent: model references, names, prompts, and
+where the socket is.
+
+Whatever can be decided here is decided here, so that a typo exits 64 or 66 at once, without a
+connection attempt and without a daemon that could be slow, down, or ask a hub.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from exoctl.failures import Failure, one_line
+from exod.config import default_home
+from exod.errors import Exit
+
+NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
+_NAME = re.compile(NAME_PATTERN)
+_HF = re.compile(r"hf:[^/\s]+/[^/\s]+")
+
+
+def check_name(name: str) -> str:
+    """A model name as the registry accepts it, or Failure 64."""
+    if not _NAME.fullmatch(name):
+        raise Failure(
+            Exit.USAGE,
+            one_line(
+                f"{name!r} is not a valid model name",
+                f"use 1 to 64 of a-z 0-9 . _ - starting with a letter or digit ({NAME_PATTERN})",
+            ),
+        )
+    return name
+
+
+def looks_like_path(text: str) -> bool:
+    return "/" in text or text.startswith((".", "~"))
+
+
+def model_dir(text: str) -> Path:
+    """`text` as an absolute directory that exists, or Failure 66."""
+    path = Path(text).expanduser().absolute()
+    if not path.is_dir():
+        problem = "is not a directory" if path.exists() else "does not exist"
+        raise Failure(
+            Exit.NOT_FOUND,
+            one_line(
+                f"model directory {path} {problem}",
+                "give the directory that holds config.json and the weights",
+            ),
+            reason="model_not_found",
+        )
+    return path
+
+
+def resolve_model(text: str) -> str:
+    """What RunRequest.model should say for MODEL as typed.
+
+    `hf:ORG/NAME` goes through as is; anything that looks like a path, or names a directory
+    here, becomes absolute (the daemon's working directory is not ours) and must exist; anything
+    else must be a valid registered name.
+    """
+    if text.startswith("hf:"):
+        if not _HF.fullmatch(text):
+            raise Failure(
+                Exit.USAGE, one_line(f"{text!r} is not hf:ORG/NAME", "see `exoctl run --help`")
+            )
+        return text
+    if looks_like_path(text) or Path(text).is_dir():
+        return str(model_dir(text))
+    if not _NAME.fullmatch(text):
+        raise Failure(
+            Exit.USAGE,
+            one_line(
+                f"{text!r} is neither a model name, a directory nor hf:ORG/NAME",
+                "list the names with `exoctl models list`",
+            ),
+        )
+    return text
+
+
+def decode_prompt(data: bytes, source: str) -> str:
+    """The prompt's bytes as text; invalid UTF-8 is a usage error, never silently replaced."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise Failure(
+            Exit.USAGE,
+            one_line(
+                f"the prompt {source} is not valid UTF-8 (byte {e.start})",
+                "convert it first, e.g. with iconv",
+            ),
+        ) from None
+
+
+def check_prompt_text(prompt: str) -> str:
+    """An argument with bytes that are not UTF-8 arrives with surrogate escapes; refuse it."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Failure(
+            Exit.USAGE,
+            one_line("the prompt argument is not valid UTF-8", "convert it first, e.g. with iconv"),
+        ) from None
+    return prompt
+
+
+def default_socket(environ: Mapping[str, str]) -> Path:
+    """EXOD_SOCKET, else exod.sock in EXOD_HOME, else in the platform's state dir: the same
+    choice that exod makes (exod/config.py), so that both ends meet without flags."""
+    if environ.get("EXOD_SOCKET"):
+        return Path(environ["EXOD_SOCKET"]).expanduser().absolute()
+    home = environ.get("EXOD_HOME")
+    base = Path(home) if home else default_home(environ)
+    return base.expanduser().absolute() / "exod.sock"

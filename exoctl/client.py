@@ -1,0 +1,101 @@
+"""The gRPC client for exod's control socket: one channel, one method per RPC, failures as
+Failure.
+
+The synchronous API is enough for a CLI that makes one call per command. Unary calls get a
+deadline so that a wedged daemon cannot hang a script; the streaming calls (a generation, a
+followed event log) run as long as they need and end on cancel.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+
+from exoctl.failures import Failure, from_rpc_error, one_line
+from exod import API_VERSION
+from exod.config import MAX_SOCKET_PATH
+from exod.errors import Exit
+from exod.proto.exo.v1 import control_pb2, control_pb2_grpc
+
+# Prompts of a few megabytes must fit; gRPC's default is 4 MiB.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+UNARY_TIMEOUT_S = 10.0
+# Lets exod refuse (or adapt to) a client from another release.
+METADATA = (("exo-api-version", API_VERSION),)
+
+Req = TypeVar("Req")
+Rep = TypeVar("Rep")
+
+
+class Client:
+    """A connection to one exod; use it as a context manager so the channel is closed."""
+
+    def __init__(self, socket: Path) -> None:
+        if len(os.fsencode(socket)) > MAX_SOCKET_PATH:
+            raise Failure(
+                Exit.USAGE,
+                one_line(
+                    f"socket path {socket} is longer than {MAX_SOCKET_PATH} bytes",
+                    "give a shorter one with --socket or EXOD_SOCKET",
+                ),
+            )
+        self.socket = socket
+        self._channel = grpc.insecure_channel(
+            f"unix:{socket}",
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self._stub = control_pb2_grpc.ControlStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Closing also cancels a call still in flight, so the daemon stops its work for us.
+        self._channel.close()
+
+    def failure(self, err: grpc.RpcError, *, mid_stream: bool = False) -> Failure:
+        return from_rpc_error(err, str(self.socket), mid_stream=mid_stream)
+
+    def _unary(self, method: grpc.UnaryUnaryMultiCallable[Req, Rep], request: Req) -> Rep:
+        try:
+            # Not wait_for_ready: a daemon that is not there must fail now, with 69.
+            return method(request, timeout=UNARY_TIMEOUT_S, metadata=METADATA, wait_for_ready=False)
+        except grpc.RpcError as e:
+            raise self.failure(e) from None
+
+    def status(self) -> control_pb2.StatusReply:
+        return self._unary(self._stub.Status, control_pb2.StatusRequest())
+
+    def kill(self, runner_id: str | None) -> control_pb2.KillReply:
+        """Kill one runner, or all of them when runner_id is None."""
+        request = control_pb2.KillRequest(runner_id=runner_id or "", all=runner_id is None)
+        return self._unary(self._stub.Kill, request)
+
+    def models(self, request: control_pb2.ModelsRequest) -> control_pb2.ModelsReply:
+        return self._unary(self._stub.Models, request)
+
+    def run(self, request: control_pb2.RunRequest) -> grpc.CallIterator[control_pb2.RunReply]:
+        """The generation's replies; RpcErrors surface while iterating (see self.failure)."""
+        return self._stub.Run(request, metadata=METADATA, wait_for_ready=False)
+
+    def events(
+        self, request: control_pb2.EventsRequest
+    ) -> grpc.CallIterator[control_pb2.EventRecord]:
+        return self._stub.Events(request, metadata=METADATA, wait_for_ready=False)
+
+
+def cancel(call: grpc.RpcContext) -> None:
+    """Cancel a streaming call; exod sees the cancellation and stops the work behind it."""
+    call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves RpcContext.cancel unannotated

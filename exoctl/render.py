@@ -1,0 +1,288 @@
+"""Pure rendering: proto messages in, table lines and JSON-ready dicts out.
+
+Nothing here writes or reads anything, so every output format is tested without a daemon. The
+plain forms are for people; the --json forms are the stable contract for scripts (docs/cli.md).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from exod import API_VERSION
+from exod.proto.exo.v1 import control_pb2
+
+# Columns are cut here so that one long error does not push a table off the screen; --json has
+# the whole text.
+MAX_CELL = 60
+
+
+def json_line(obj: dict[str, Any]) -> str:
+    """One compact JSON object, no newline; non-ASCII text stays readable."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns two spaces apart, without trailing blanks."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in (headers, *rows)
+    ]
+
+
+def cut(text: str, limit: int = MAX_CELL) -> str:
+    """`text` on one line, at most `limit` characters, an ellipsis marking a cut."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def human_bytes(n: int) -> str:
+    """Binary units as `top` and `ps` users read them: 512 B, 3.4 MiB, 12.0 GiB; "-" for 0."""
+    if n <= 0:
+        return "-"
+    if n < 1024:
+        return f"{n} B"
+    value, unit = n / 1024, "KiB"
+    for bigger in ("MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f} {unit}"
+
+
+def human_duration(seconds: float) -> str:
+    """The two largest units: 45s, 3m12s, 2h03m, 4d07h."""
+    s = max(0, int(seconds))
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{s:02d}s"
+    return f"{s}s"
+
+
+def rfc3339(ts: Timestamp) -> str:
+    """UTC with microseconds and a Z, e.g. 2026-11-27T03:14:44.123456Z."""
+    moment = datetime.fromtimestamp(ts.seconds, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{ts.nanos // 1000:06d}Z"
+
+
+# --- status -------------------------------------------------------------------------------------
+
+
+def api_version_warning(reply: control_pb2.StatusReply) -> str | None:
+    """A warning when exod speaks another API version than this exoctl; None when they agree."""
+    if reply.api_version == API_VERSION:
+        return None
+    return (
+        f"warning: exod speaks API version {reply.api_version or '?'}, this exoctl speaks "
+        f"{API_VERSION}; some commands may fail until both are the same release"
+    )
+
+
+def _last_error(runner: control_pb2.RunnerInfo) -> dict[str, str] | None:
+    if not runner.HasField("last_error") or not runner.last_error.reason:
+        return None
+    return {"reason": runner.last_error.reason, "detail": runner.last_error.detail}
+
+
+def status_lines(reply: control_pb2.StatusReply) -> list[str]:
+    """A header about the daemon, then one row per runner."""
+    header = (
+        f"exod {reply.version} (api {reply.api_version})  node {reply.node_id}  pid {reply.pid}  "
+        f"up {human_duration(reply.uptime_s)}  home {reply.home}"
+    )
+    if not reply.runners:
+        return [header, "no runners"]
+    rows = []
+    for r in reply.runners:
+        error = _last_error(r)
+        rows.append(
+            [
+                r.id,
+                cut(r.model, 40),
+                r.state,
+                str(r.pid) if r.pid else "-",
+                human_bytes(r.memory_bytes),
+                cut(f"{error['reason']}: {error['detail']}".rstrip(": ")) if error else "-",
+            ]
+        )
+    return [header, *table(["ID", "MODEL", "STATE", "PID", "MEMORY", "LAST ERROR"], rows)]
+
+
+def status_json(reply: control_pb2.StatusReply) -> dict[str, Any]:
+    return {
+        "version": reply.version,
+        "api_version": reply.api_version,
+        "node_id": reply.node_id,
+        "home": reply.home,
+        "pid": reply.pid,
+        "uptime_s": reply.uptime_s,
+        "event_count": reply.event_count,
+        "runners": [
+            {
+                "id": r.id,
+                "model": r.model,
+                "state": r.state,
+                "pid": r.pid,
+                "memory_bytes": r.memory_bytes,
+                "last_error": _last_error(r),
+                "queued": r.queued,
+                "idle_s": r.idle_s,
+                "model_path": r.model_path,
+            }
+            for r in reply.runners
+        ],
+    }
+
+
+# --- events -------------------------------------------------------------------------------------
+
+_INT64 = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+
+
+def _payload_message(record: control_pb2.EventRecord) -> Message | None:
+    which = record.event.WhichOneof("kind")
+    return None if which is None else getattr(record.event, which)
+
+
+def event_kind(record: control_pb2.EventRecord) -> str:
+    """The payload's message name (RunnerFailed); the record's own kind for a kind this exoctl
+    does not know (a newer daemon), whose payload then parses as empty."""
+    message = _payload_message(record)
+    return message.DESCRIPTOR.name if message is not None else record.kind or "Unknown"
+
+
+def event_payload(record: control_pb2.EventRecord, *, with_defaults: bool) -> dict[str, Any]:
+    """The payload's fields by their proto names, 64-bit integers as JSON numbers."""
+    # Imported here: json_format costs start-up time that only `exoctl events` needs.
+    from google.protobuf import json_format  # noqa: PLC0415
+
+    message = _payload_message(record)
+    if message is None:
+        return {}
+    fields = json_format.MessageToDict(
+        message,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=with_defaults,
+    )
+    # The proto JSON mapping writes 64-bit integers as strings; a script wants numbers.
+    for field in message.DESCRIPTOR.fields:
+        if field.type in _INT64 and field.name in fields and not field.is_repeated:
+            fields[field.name] = int(fields[field.name])
+    return fields
+
+
+def event_json(record: control_pb2.EventRecord) -> dict[str, Any]:
+    """The record's envelope and its payload's fields at the top level (the envelope wins a
+    clash of names, so `seq` and `kind` always mean the record's)."""
+    envelope: dict[str, Any] = {
+        "seq": record.seq,
+        "origin": record.origin,
+        "origin_seq": record.origin_seq,
+        "ts": rfc3339(record.ts),
+        "kind": event_kind(record),
+    }
+    payload = event_payload(record, with_defaults=True)
+    return envelope | {k: v for k, v in payload.items() if k not in envelope}
+
+
+def _plain_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        # Quote whatever would not read back as one word.
+        if not value or any(c.isspace() or c in '"=' for c in value):
+            return json.dumps(value, ensure_ascii=False)
+        return value
+    if isinstance(value, int | float):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def event_line(record: control_pb2.EventRecord) -> str:
+    """`SEQ  TS  KIND  key=value ...`, fields left at their default omitted."""
+    payload = event_payload(record, with_defaults=False)
+    fields = " ".join(f"{k}={_plain_value(v)}" for k, v in payload.items())
+    return f"{record.seq}  {rfc3339(record.ts)}  {event_kind(record)}  {fields}".rstrip()
+
+
+# --- run ----------------------------------------------------------------------------------------
+
+
+def token_json(text: str) -> dict[str, Any]:
+    return {"type": "token", "text": text}
+
+
+def done_json(done: control_pb2.RunDone) -> dict[str, Any]:
+    return {
+        "type": "done",
+        "prompt_tokens": done.prompt_tokens,
+        "generation_tokens": done.generation_tokens,
+        "ttft_s": done.ttft_s,
+        "tokens_per_s": done.tokens_per_s,
+        "stop_reason": done.stop_reason,
+    }
+
+
+def error_json(reason: str | None, message: str, exit_code: int) -> dict[str, Any]:
+    return {"type": "error", "reason": reason, "message": message, "exit_code": exit_code}
+
+
+def progress_text(progress: control_pb2.Progress) -> str:
+    """`loading weights 3/24`; the counts that are unknown are left out."""
+    if progress.total > 0:
+        return f"{progress.phase} {progress.current}/{progress.total}"
+    if progress.current > 0:
+        return f"{progress.phase} {progress.current}"
+    return progress.phase
+
+
+def started_text(started: control_pb2.RunStarted) -> str:
+    if started.queue_position > 0:
+        return f"queued for runner {started.runner_id} (position {started.queue_position})"
+    return f"starting on runner {started.runner_id}"
+
+
+# --- kill and models ----------------------------------------------------------------------------
+
+
+def kill_json(reply: control_pb2.KillReply) -> dict[str, Any]:
+    return {"killed": list(reply.killed)}
+
+
+def model_json(model: control_pb2.ModelInfo) -> dict[str, Any]:
+    return {"name": model.name, "path": model.path, "content_hash": model.content_hash}
+
+
+def models_json(reply: control_pb2.ModelsReply) -> dict[str, Any]:
+    return {"models": [model_json(m) for m in reply.models]}
+
+
+def models_lines(reply: control_pb2.ModelsReply) -> list[str]:
+    if not reply.models:
+        return ["no models registered"]
+    # A hash prefix identifies the weights at a glance; --json has all of it.
+    rows = [[m.name, m.path, m.content_hash[:12] or "-"] for m in reply.models]
+    return table(["NAME", "PATH", "HASH"], rows)

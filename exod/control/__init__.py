@@ -1,0 +1,1 @@
+"""The control plane: the gRPC API exoctl speaks over the Unix socket."""

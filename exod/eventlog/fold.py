@@ -1,0 +1,288 @@
+"""The daemon's state as a pure fold over its event log: no I/O, no clock, no randomness.
+
+`apply` takes a state and one record and returns the next state, matched on the record's kind.
+Kinds it does not know are skipped (a newer exod may have written them), and facts about runners
+or runs it has no record of change nothing, so any log, however odd, folds without an error.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, replace
+from types import MappingProxyType
+from typing import Any, Literal, TypeVar
+
+from exod.eventlog.records import Record, kind_of
+
+# Bump whenever the meaning of the fold or the shape of `encode` changes: snapshots carry it,
+# and a snapshot of another version is ignored and rebuilt from the log.
+FOLD_VERSION: int = 1
+# Ended runners kept for `exoctl status` to show why they ended; older ones are forgotten so the
+# state, and so every snapshot, stays the same size however long the daemon runs.
+MAX_ENDED_RUNNERS = 32
+
+RunnerState = Literal["spawning", "ready", "stopped", "failed"]
+_RUNNER_STATES: Mapping[str, RunnerState] = {
+    "spawning": "spawning",
+    "ready": "ready",
+    "stopped": "stopped",
+    "failed": "failed",
+}
+_ALIVE: frozenset[str] = frozenset({"spawning", "ready"})
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+@dataclass(frozen=True)
+class ErrorView:
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class RunnerView:
+    id: str
+    model: str
+    model_path: str
+    pid: int
+    start_time: float  # the process's create time: with pid, identifies it even if pids are reused
+    log_path: str
+    state: RunnerState
+    spawned_at: float
+    ended_at: float | None
+    last_error: ErrorView | None
+
+
+@dataclass(frozen=True)
+class RunView:
+    """A run that was accepted and has not finished (finished runs leave the state)."""
+
+    id: str
+    runner_id: str
+    model: str
+    accepted_at: float
+
+
+@dataclass(frozen=True)
+class ModelView:
+    name: str
+    path: str
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class State:
+    runners: Mapping[str, RunnerView]
+    runs: Mapping[str, RunView]
+    models: Mapping[str, ModelView]
+    last_seq: int  # the seq of the last record folded in
+    starts: int  # how many times this node's daemon has started
+
+
+def _frozen(items: dict[K, V]) -> Mapping[K, V]:
+    return MappingProxyType(items)
+
+
+EMPTY = State(runners=_frozen({}), runs=_frozen({}), models=_frozen({}), last_seq=0, starts=0)
+
+
+def apply(state: State, record: Record) -> State:
+    """The state after one more record. Every record, even one skipped, advances last_seq."""
+    # A kind this exod's schema does not know parses with no oneof field set, so the names differ.
+    known = kind_of(record.event) == record.kind
+    after = _apply(state, record) if known else state
+    return replace(after, last_seq=record.seq)
+
+
+def fold(records: Iterable[Record], state: State = EMPTY) -> State:
+    for record in records:
+        state = apply(state, record)
+    return state
+
+
+def alive_runners(state: State) -> list[RunnerView]:
+    """Runners the log says are alive (spawning or ready), oldest first."""
+    alive = [r for r in state.runners.values() if r.state in _ALIVE]
+    return sorted(alive, key=lambda r: (r.spawned_at, r.id))
+
+
+def _apply(state: State, record: Record) -> State:  # noqa: PLR0911  one return per kind reads best
+    e, ts = record.event, record.ts
+    match record.kind:
+        case "NodeStarted":
+            return replace(state, starts=state.starts + 1)
+        case "RunnerSpawned":
+            s = e.runner_spawned
+            runner = RunnerView(
+                id=s.runner_id,
+                model=s.model,
+                model_path=s.model_path,
+                pid=s.pid,
+                start_time=s.start_time,
+                log_path=s.log_path,
+                state="spawning",
+                spawned_at=ts,
+                ended_at=None,
+                last_error=None,
+            )
+            return replace(state, runners=_with(state.runners, runner.id, runner))
+        case "RunnerReady":
+            return _ready(state, e.runner_ready.runner_id)
+        case "RunnerFailed":
+            f = e.runner_failed
+            return _ended(state, f.runner_id, "failed", ts, ErrorView(f.reason, f.detail))
+        case "RunnerStopped":
+            # Being asked to stop is not an error, whatever the reason (interrupted included).
+            return _ended(state, e.runner_stopped.runner_id, "stopped", ts, None)
+        case "RunAccepted":
+            # Kept even when its runner is unknown: a run that is in the log must be found in
+            # flight at the next start, so that it can be closed as interrupted.
+            a = e.run_accepted
+            run = RunView(id=a.run_id, runner_id=a.runner_id, model=a.model, accepted_at=ts)
+            return replace(state, runs=_with(state.runs, run.id, run))
+        case "RunFinished":
+            return replace(state, runs=_without(state.runs, e.run_finished.run_id))
+        case "ModelAdded":
+            m = e.model_added
+            model = ModelView(name=m.name, path=m.path, content_hash=m.content_hash)
+            return replace(state, models=_with(state.models, model.name, model))
+        case "ModelRemoved":
+            return replace(state, models=_without(state.models, e.model_removed.name))
+        case _:
+            # NodeStopped changes nothing; it is logged for people reading `exoctl events`.
+            return state
+
+
+def _ready(state: State, runner_id: str) -> State:
+    runner = state.runners.get(runner_id)
+    if runner is None or runner.state != "spawning":
+        return state
+    return replace(state, runners=_with(state.runners, runner_id, replace(runner, state="ready")))
+
+
+def _ended(
+    state: State, runner_id: str, how: RunnerState, ts: float, error: ErrorView | None
+) -> State:
+    runner = state.runners.get(runner_id)
+    # The first end of a runner is the one that counts; a later one cannot revive or rename it.
+    if runner is None or runner.state not in _ALIVE:
+        return state
+    ended = replace(runner, state=how, ended_at=ts, last_error=error)
+    return replace(state, runners=_bounded(_with(state.runners, runner_id, ended)))
+
+
+def _bounded(runners: Mapping[str, RunnerView]) -> Mapping[str, RunnerView]:
+    """Forget the runners that ended longest ago, beyond MAX_ENDED_RUNNERS."""
+    ended = [r for r in runners.values() if r.state not in _ALIVE]
+    if len(ended) <= MAX_ENDED_RUNNERS:
+        return runners
+    ended.sort(key=lambda r: (r.ended_at or 0.0, r.id))
+    forget = {r.id for r in ended[: len(ended) - MAX_ENDED_RUNNERS]}
+    return _frozen({k: v for k, v in runners.items() if k not in forget})
+
+
+def _with(items: Mapping[K, V], key: K, value: V) -> Mapping[K, V]:
+    return _frozen({**items, key: value})
+
+
+def _without(items: Mapping[K, V], key: K) -> Mapping[K, V]:
+    if key not in items:
+        return items
+    return _frozen({k: v for k, v in items.items() if k != key})
+
+
+# ---- snapshots: the state as JSON, and back ----
+
+
+def encode(state: State) -> bytes:
+    doc = {
+        "last_seq": state.last_seq,
+        "starts": state.starts,
+        "runners": [asdict(r) for r in state.runners.values()],
+        "runs": [asdict(r) for r in state.runs.values()],
+        "models": [asdict(m) for m in state.models.values()],
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def decode(data: bytes) -> State:
+    """The state `encode` wrote; ValueError when data is not such a state (damaged, or foreign)."""
+    try:
+        doc = json.loads(data)
+        return State(
+            runners=_frozen({r.id: r for r in map(_runner, _list(doc, "runners"))}),
+            runs=_frozen({r.id: r for r in map(_run, _list(doc, "runs"))}),
+            models=_frozen({m.name: m for m in map(_model, _list(doc, "models"))}),
+            last_seq=_int(doc, "last_seq"),
+            starts=_int(doc, "starts"),
+        )
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"not a state of fold version {FOLD_VERSION}: {e!r}") from None
+
+
+def _runner(d: Any) -> RunnerView:
+    error = d["last_error"]
+    return RunnerView(
+        id=_str(d, "id"),
+        model=_str(d, "model"),
+        model_path=_str(d, "model_path"),
+        pid=_int(d, "pid"),
+        start_time=_float(d, "start_time"),
+        log_path=_str(d, "log_path"),
+        state=_RUNNER_STATES[_str(d, "state")],
+        spawned_at=_float(d, "spawned_at"),
+        ended_at=None if d["ended_at"] is None else _float(d, "ended_at"),
+        last_error=None
+        if error is None
+        else ErrorView(_str(error, "reason"), _str(error, "detail")),
+    )
+
+
+def _run(d: Any) -> RunView:
+    return RunView(
+        id=_str(d, "id"),
+        runner_id=_str(d, "runner_id"),
+        model=_str(d, "model"),
+        accepted_at=_float(d, "accepted_at"),
+    )
+
+
+def _model(d: Any) -> ModelView:
+    return ModelView(
+        name=_str(d, "name"), path=_str(d, "path"), content_hash=_str(d, "content_hash")
+    )
+
+
+# Typed reads from parsed JSON: a value of the wrong type is a damaged snapshot, not a crash later.
+
+
+def _str(d: Any, key: str) -> str:
+    value = d[key]
+    if not isinstance(value, str):
+        raise TypeError(f"{key} is not a string")
+    return value
+
+
+def _int(d: Any, key: str) -> int:
+    value = d[key]
+    # bool is an int to isinstance, but true is no pid.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{key} is not an integer")
+    return value
+
+
+def _float(d: Any, key: str) -> float:
+    value = d[key]
+    # A time that happened to be a whole number may have been written from an int.
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError(f"{key} is not a number")
+    return float(value)
+
+
+def _list(d: Any, key: str) -> list[Any]:
+    value = d[key]
+    if not isinstance(value, list):
+        raise TypeError(f"{key} is not a list")
+    return value

@@ -1,0 +1,206 @@
+"""The event log on disk: an append-only SQLite table of protobuf events, plus fold snapshots.
+
+This is the only module that talks to SQLite for the log. Every failure leaves it as a StoreError
+whose message names the database file and says what went wrong in words a user can act on.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Self
+
+from google.protobuf.message import DecodeError
+from sqlite_utils import Database
+
+from exod.eventlog.migrations import migrate
+from exod.eventlog.records import Record, kind_of
+from exod.proto.exo.v1 import events_pb2
+
+# How long a write waits for a lock held by another connection before giving up. Short: only
+# exod writes its log, so a lock that outlasts this is another process that should not be there.
+BUSY_TIMEOUT_S = 2.0
+# Snapshots kept; older ones are deleted when a new one is saved, so the table stays small.
+SNAPSHOTS_KEPT = 3
+
+
+class StoreError(Exception):
+    """The event log cannot be read or written; the message says which file and why."""
+
+    def __init__(self, message: str, *, disk_full: bool = False) -> None:
+        super().__init__(message)
+        # A full disk is a temporary failure (exit 75): the caller may retry once space is freed.
+        self.disk_full = disk_full
+
+
+class EventStore:
+    """The event log of one node, safe to call from any thread (calls are serialised)."""
+
+    def __init__(self, path: Path, origin: str) -> None:
+        if not origin:
+            raise ValueError("origin must be a node id, not empty")
+        self.path = path
+        self.origin = origin
+        self._lock = threading.Lock()
+        with self._errors("open"):
+            # check_same_thread=False because the lock above serialises every use.
+            conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+        try:
+            with self._errors("open"):
+                # No plugins: what the log's connection does must not depend on what else is
+                # installed in the environment.
+                self._db = Database(conn, execute_plugins=False)
+                self._quick_check()
+                self._db.enable_wal()
+                # FULL: an event is on disk before append returns, so a fact the daemon acted
+                # on (a runner it spawned) survives a power cut and is cleaned up at the next start.
+                self._db.execute("PRAGMA synchronous=FULL")
+                if sys.platform == "darwin":
+                    # fsync on macOS does not flush the drive's cache; F_FULLFSYNC does.
+                    self._db.execute("PRAGMA fullfsync=ON")
+                migrate(self._db)
+        except BaseException:
+            conn.close()
+            raise
+
+    def append(self, event: events_pb2.Event, ts: float | None = None) -> Record:
+        """Write one of this node's own events durably; return it as it will be read back."""
+        kind = kind_of(event)
+        if not kind:
+            raise ValueError("an event must have one of its kinds set")
+        when = time.time() if ts is None else ts
+        payload = event.SerializeToString()
+        with self._lock, self._errors("write an event to"), self._db.atomic():
+            # origin_seq is computed inside the INSERT, so it cannot race with another write;
+            # the UNIQUE (origin, origin_seq) index makes the MAX a single index lookup.
+            rows = self._db.execute(
+                "INSERT INTO events (origin, origin_seq, ts, kind, payload) VALUES (?, "
+                "(SELECT COALESCE(MAX(origin_seq), 0) + 1 FROM events WHERE origin = ?), ?, ?, ?) "
+                "RETURNING seq, origin_seq",
+                [self.origin, self.origin, when, kind, payload],
+            ).fetchall()
+        seq, origin_seq = rows[0]
+        # A copy parsed from what was stored: the caller may go on to change its message.
+        return Record(
+            seq, self.origin, origin_seq, when, kind, events_pb2.Event.FromString(payload)
+        )
+
+    def read(self, since: int = 0, limit: int | None = None) -> list[Record]:
+        """Records with seq > since, in seq order; at most limit of them when given."""
+        with self._lock, self._errors("read"):
+            rows = self._db.execute(
+                "SELECT seq, origin, origin_seq, ts, kind, payload FROM events "
+                "WHERE seq > ? ORDER BY seq LIMIT ?",
+                # SQLite reads a negative LIMIT as no limit.
+                [since, -1 if limit is None else limit],
+            ).fetchall()
+        return [self._record(row) for row in rows]
+
+    def last_seq(self) -> int:
+        """The seq of the newest record; 0 when the log is empty."""
+        with self._lock, self._errors("read"):
+            row = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
+        return int(row[0])
+
+    def count(self) -> int:
+        with self._lock, self._errors("read"):
+            row = self._db.execute("SELECT COUNT(*) FROM events").fetchone()
+        return int(row[0])
+
+    def save_snapshot(self, seq: int, fold_version: int, state: bytes) -> None:
+        """Store the fold's state as of record seq, and drop all but the newest few snapshots."""
+        with self._lock, self._errors("write a snapshot to"), self._db.atomic():
+            self._db.execute(
+                "INSERT OR REPLACE INTO snapshots (seq, fold_version, state, ts) "
+                "VALUES (?, ?, ?, ?)",
+                [seq, fold_version, state, time.time()],
+            )
+            self._db.execute(
+                "DELETE FROM snapshots WHERE rowid NOT IN "
+                "(SELECT rowid FROM snapshots ORDER BY seq DESC, ts DESC LIMIT ?)",
+                [SNAPSHOTS_KEPT],
+            )
+
+    def load_snapshot(self, fold_version: int) -> tuple[int, bytes] | None:
+        """(seq, state) of the newest snapshot made by this fold version; None when there is none.
+
+        Snapshots of other versions are ignored: their encoding or meaning may differ, so the
+        caller rebuilds the state from the log instead.
+        """
+        with self._lock, self._errors("read a snapshot from"):
+            row = self._db.execute(
+                "SELECT seq, state FROM snapshots WHERE fold_version = ? ORDER BY seq DESC LIMIT 1",
+                [fold_version],
+            ).fetchone()
+        return None if row is None else (int(row[0]), bytes(row[1]))
+
+    def check(self) -> None:
+        """A cheap read that fails when the database cannot be used (for health self-checks)."""
+        self.last_seq()
+
+    def pragmas(self) -> dict[str, str | int]:
+        """The durability settings in force on this connection (for diagnostics and tests)."""
+        names = ("journal_mode", "synchronous", "fullfsync", "busy_timeout")
+        with self._lock, self._errors("read settings of"):
+            return {name: self._db.execute(f"PRAGMA {name}").fetchone()[0] for name in names}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _quick_check(self) -> None:
+        rows = self._db.execute("PRAGMA quick_check").fetchall()
+        # One line per problem, some spanning lines themselves; a message should be one line.
+        problems = [" ".join(str(r[0]).split()) for r in rows if r[0] != "ok"]
+        if problems:
+            raise StoreError(_damaged(self.path, "; ".join(problems[:3])))
+
+    def _record(self, row: tuple[Any, ...]) -> Record:
+        seq, origin, origin_seq, ts, kind, payload = row
+        try:
+            event = events_pb2.Event.FromString(payload)
+        except DecodeError as e:
+            raise StoreError(_damaged(self.path, f"event {seq} does not parse: {e}")) from None
+        return Record(seq, origin, origin_seq, ts, kind, event)
+
+    @contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        """Turn sqlite3 errors into StoreErrors that name the file and the likely cause."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            raise _store_error(e, doing, self.path) from e
+
+
+def _damaged(path: Path, detail: str) -> str:
+    return (
+        f"the event log {path} is damaged ({detail}); stop exod and restore the file from a "
+        "backup, or move it aside to start with an empty log"
+    )
+
+
+def _store_error(e: sqlite3.Error, doing: str, path: Path) -> StoreError:
+    # The primary result code, without extended bits; errors raised by the sqlite3 module itself
+    # (a closed connection) carry none.
+    code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+    if code == sqlite3.SQLITE_FULL:
+        return StoreError(f"cannot {doing} the event log {path}: the disk is full", disk_full=True)
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return StoreError(
+            f"cannot {doing} the event log {path}: it is locked by another process "
+            f"(waited {BUSY_TIMEOUT_S:g} s); is a second exod using the same state dir?"
+        )
+    if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return StoreError(_damaged(path, str(e)))
+    return StoreError(f"cannot {doing} the event log {path}: {e}")

@@ -1,0 +1,45 @@
+"""The node's own event log, folded as it grows and observable by followers.
+
+One object owns the write path: append to SQLite (durably), fold the record into the state, wake
+whoever follows the log, and snapshot every so often. The daemon, the supervisor and the control
+service all write through it, so the state they read is always the fold of what is on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from exod.eventlog import EventStore, Record, State, apply, maybe_snapshot
+from exod.proto.exo.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+
+class Journal:
+    def __init__(self, store: EventStore, state: State, snapshot_every: int) -> None:
+        self.store = store
+        self.state = state
+        self._snapshot_every = snapshot_every
+        # Replaced on every append; followers wait on the one that was current when they looked.
+        self._changed = asyncio.Event()
+
+    def append(self, event: events_pb2.Event) -> Record:
+        """Write an event of this node; raises StoreError (disk_full) without changing the state."""
+        record = self.store.append(event)
+        self.state = apply(self.state, record)
+        log.debug("event %d %s", record.seq, record.kind)
+        try:
+            maybe_snapshot(self.store, self.state, self._snapshot_every)
+        except Exception:
+            # A snapshot is an optimisation: the log holds the truth, so failing to save one
+            # (a full disk, say) must not fail the event that was just written.
+            log.exception("could not save a snapshot")
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+        return record
+
+    async def wait_beyond(self, seq: int) -> None:
+        """Return once the log holds a record newer than `seq`."""
+        while self.state.last_seq <= seq:
+            await self._changed.wait()

@@ -1,0 +1,1 @@
+"""Model directories: the demo model writer, validation without MLX, prompt token counting."""

@@ -1,0 +1,99 @@
+"""Thin adapter over OS processes: end a process group and prove nothing of it survives.
+
+Every runner leads its own process group (it is started with start_new_session), so the group id
+is the runner's pid and one signal reaches everything the runner started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import psutil
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes whose process group is `pgid`."""
+    members = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if os.getpgid(proc.pid) == pgid:
+                members.append(proc.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            continue
+    return members
+
+
+def signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def end_group(pgid: int, grace: float, *, poll: float = 0.05) -> list[int]:
+    """SIGTERM the group, wait up to `grace`, SIGKILL, then wait until no member is left.
+
+    Returns the pids that survived even SIGKILL for two seconds (an unkillable process in
+    uninterruptible sleep); normally empty.
+    """
+    signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not await asyncio.to_thread(group_members, pgid):
+            return []
+        await asyncio.sleep(poll)
+    signal_group(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + 2.0
+    while True:
+        survivors = await asyncio.to_thread(group_members, pgid)
+        if not survivors or time.monotonic() > deadline:
+            return survivors
+        signal_group(pgid, signal.SIGKILL)
+        await asyncio.sleep(poll)
+
+
+def kill_group_now(pgid: int) -> list[int]:
+    """SIGKILL a group and wait (up to two seconds) until none of it is left; returns survivors."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        signal_group(pgid, signal.SIGKILL)
+        survivors = group_members(pgid)
+        if not survivors or time.monotonic() > deadline:
+            return survivors
+        time.sleep(0.05)
+
+
+def same_process(pid: int, start_time: float) -> bool:
+    """Whether `pid` is still the process that started at `start_time` (pids get reused)."""
+    try:
+        return abs(psutil.Process(pid).create_time() - start_time) < 0.5
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def start_time_of(pid: int) -> float:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return 0.0
+
+
+def tree_memory(pid: int) -> int:
+    """Unique memory (USS) of a process and all its descendants, in bytes; 0 when gone."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_full_info().uss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total

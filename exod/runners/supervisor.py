@@ -1,0 +1,366 @@
+"""The supervisor: spawns runner subprocesses, feeds them one generation at a time, ends them.
+
+Each runner is `python -m exod.runners.runner` in its own process group, talking protobuf frames
+over a socket pair whose other end is its lifeline. Three tasks watch each runner: a reader that
+routes its messages, a worker that hands it queued jobs one by one, and a watcher that turns its
+exit into exactly one RunnerFailed or RunnerStopped event and fails whatever it still owed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from exod import RUNNER_PROTOCOL_VERSION
+from exod.config import Settings
+from exod.errors import ExoError
+from exod.journal import Journal
+from exod.proto.exo.v1 import events_pb2, runner_pb2
+from exod.runners import pipe, process
+
+log = logging.getLogger(__name__)
+
+# What a job's consumer receives, in order: load/prefill progress, text, then Done or an error.
+JobItem = runner_pb2.LoadProgress | runner_pb2.Tokens | runner_pb2.Done | ExoError
+
+# Lines of a runner's log quoted in a crash's detail.
+LOG_TAIL_LINES = 12
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation, queued on a runner or running in it."""
+
+    run_id: str
+    request: runner_pb2.Generate
+    out: asyncio.Queue[JobItem] = field(default_factory=asyncio.Queue)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    started: bool = False
+    cancelled: bool = False
+
+    def finish(self, item: runner_pb2.Done | ExoError) -> None:
+        if not self.finished.is_set():
+            self.out.put_nowait(item)
+            self.finished.set()
+
+
+@dataclass(eq=False)
+class Runner:
+    id: str
+    model: str
+    model_path: str
+    proc: asyncio.subprocess.Process
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    log_path: Path
+    state: str = "loading"  # loading, ready, running, stopping
+    queue: deque[Job] = field(default_factory=deque)
+    current: Job | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    ending: str | None = None  # the reason we were asked to end it
+    load_error: ExoError | None = None
+    last_used: float = field(default_factory=time.monotonic)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class Supervisor:
+    def __init__(self, journal: Journal, settings: Settings) -> None:
+        self._journal = journal
+        self._settings = settings
+        self.runners: dict[str, Runner] = {}
+        self._logs = settings.home / "runners"
+
+    # --- requests -------------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        model: str,
+        model_path: str,
+        run_id: str,
+        request: runner_pb2.Generate,
+        accept: Callable[[str, int], None],
+    ) -> Job:
+        """Queue a generation on the model's runner, spawning one when none is alive.
+
+        `accept(runner_id, queue_position)` runs after admission and before the job can start,
+        so the run is in the log before any token of it exists.
+        """
+        runner = self._live_for(model_path) or await self._spawn(model, model_path)
+        if len(runner.queue) >= self._settings.queue_depth:
+            raise ExoError(
+                "queue_full",
+                f"{len(runner.queue)} runs are already waiting for runner {runner.id} "
+                f"(EXOD_QUEUE_DEPTH={self._settings.queue_depth}); retry later",
+            )
+        busy = runner.current is not None or runner.state != "ready"
+        accept(runner.id, len(runner.queue) + (1 if busy else 0))
+        job = Job(run_id=run_id, request=request)
+        runner.queue.append(job)
+        runner.wake.set()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job wherever it is: drop it from its queue, or tell its runner to stop."""
+        if job.finished.is_set():
+            return
+        job.cancelled = True
+        for runner in self.runners.values():
+            if job in runner.queue:
+                runner.queue.remove(job)
+                job.finish(ExoError("cancelled", "cancelled while waiting"))
+                return
+            if runner.current is job:
+                cancel = runner_pb2.ToRunner(cancel=runner_pb2.Cancel(request_id=job.run_id))
+                self._send_soon(runner, cancel)
+                return
+
+    async def kill(self, runner_id: str) -> None:
+        runner = self.runners.get(runner_id)
+        if runner is None:
+            raise ExoError("runner_not_found", f"no runner {runner_id} is running")
+        await self.stop(runner, "killed")
+
+    async def stop(self, runner: Runner, reason: str) -> None:
+        """End a runner's whole process group and return once its end is in the log."""
+        if runner.ending is None:
+            runner.ending = reason
+            runner.state = "stopping"
+            log.info("stopping runner %s (%s)", runner.id, reason)
+            survivors = await process.end_group(runner.pid, self._settings.kill_grace)
+            if survivors:
+                log.error("runner %s group survived SIGKILL: %s", runner.id, survivors)
+        await runner.ended.wait()
+
+    async def shutdown(self) -> None:
+        await asyncio.gather(*(self.stop(r, "daemon_stopped") for r in list(self.runners.values())))
+
+    async def reap_idle(self) -> None:
+        """Stop runners that have had nothing to do for the idle TTL; runs until cancelled."""
+        while True:
+            await asyncio.sleep(min(1.0, max(self._settings.idle_ttl / 4, 0.05)))
+            now = time.monotonic()
+            for runner in list(self.runners.values()):
+                idle = runner.state == "ready" and runner.current is None and not runner.queue
+                if idle and now - runner.last_used >= self._settings.idle_ttl:
+                    asyncio.create_task(self.stop(runner, "idle"))  # noqa: RUF006  # tracked by runner.ended
+
+    # --- spawning ---------------------------------------------------------------------------------
+
+    def _live_for(self, model_path: str) -> Runner | None:
+        for runner in self.runners.values():
+            if runner.model_path == model_path and runner.ending is None:
+                return runner
+        return None
+
+    async def _spawn(self, model: str, model_path: str) -> Runner:
+        runner_id = "r-" + secrets.token_hex(4)
+        self._logs.mkdir(parents=True, exist_ok=True)
+        log_path = self._logs / f"{runner_id}.log"
+        ours, theirs = socket.socketpair()
+        env = {
+            **os.environ,
+            # Runners never reach a model hub nor run code shipped with a model.
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            # Lets anyone (tests, an admin with ps) tell which exod a runner belongs to.
+            "EXOD_HOME": str(self._settings.home),
+            "EXOD_RUNNER_ID": runner_id,
+        }
+        with open(log_path, "ab") as log_file, ours, theirs:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "exod.runners.runner",
+                "--fd",
+                str(theirs.fileno()),
+                "--parent",
+                str(os.getpid()),
+                pass_fds=(theirs.fileno(),),
+                start_new_session=True,  # its own process group: one signal ends all of it
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+            )
+            reader, writer = await asyncio.open_unix_connection(sock=ours.dup())
+        runner = Runner(runner_id, model, model_path, proc, reader, writer, log_path)
+        self.runners[runner_id] = runner
+        self._journal.append(
+            events_pb2.Event(
+                runner_spawned=events_pb2.RunnerSpawned(
+                    runner_id=runner_id,
+                    model=model,
+                    model_path=model_path,
+                    pid=proc.pid,
+                    start_time=process.start_time_of(proc.pid),
+                    log_path=str(log_path),
+                )
+            )
+        )
+        log.info("spawned runner %s pid %d for %s", runner_id, proc.pid, model)
+        hello = runner_pb2.Hello(protocol_version=RUNNER_PROTOCOL_VERSION)
+        await pipe.write_message(writer, runner_pb2.ToRunner(hello=hello))
+        await pipe.write_message(
+            writer, runner_pb2.ToRunner(load=runner_pb2.Load(model_path=model_path))
+        )
+        runner.tasks = [
+            asyncio.create_task(self._read(runner)),
+            asyncio.create_task(self._work(runner)),
+            asyncio.create_task(self._watch(runner)),
+        ]
+        return runner
+
+    # --- the three tasks of a runner ---------------------------------------------------------------
+
+    async def _read(self, runner: Runner) -> None:
+        started = time.monotonic()
+        try:
+            while (
+                msg := await pipe.read_message(runner.reader, runner_pb2.FromRunner)
+            ) is not None:
+                self._dispatch(runner, msg, started)
+        except (pipe.PipeError, ConnectionError) as e:
+            log.warning("runner %s pipe broke: %s", runner.id, e)
+
+    def _dispatch(self, runner: Runner, msg: runner_pb2.FromRunner, started: float) -> None:
+        which = msg.WhichOneof("msg")
+        if which == "hello":
+            if msg.hello.protocol_version != RUNNER_PROTOCOL_VERSION:
+                runner.load_error = ExoError(
+                    "internal",
+                    f"runner speaks protocol {msg.hello.protocol_version}, exod speaks "
+                    f"{RUNNER_PROTOCOL_VERSION}: reinstall exod so both come from one version",
+                )
+                asyncio.create_task(self.stop(runner, "crashed"))  # noqa: RUF006  # tracked by runner.ended
+        elif which == "progress":
+            if msg.progress.phase == "prefill":
+                if runner.current is not None:
+                    runner.current.out.put_nowait(msg.progress)
+            else:
+                for job in runner.queue:
+                    job.out.put_nowait(msg.progress)
+        elif which == "ready":
+            runner.state = "ready"
+            runner.last_used = time.monotonic()
+            runner.ready.set()
+            ready = events_pb2.RunnerReady(runner_id=runner.id, load_s=time.monotonic() - started)
+            self._journal.append(events_pb2.Event(runner_ready=ready))
+        elif which == "tokens":
+            if runner.current is not None and runner.current.run_id == msg.tokens.request_id:
+                runner.current.out.put_nowait(msg.tokens)
+        elif which == "done":
+            if runner.current is not None and runner.current.run_id == msg.done.request_id:
+                runner.current.finish(msg.done)
+        elif which == "error":
+            err = ExoError(msg.error.reason or "internal", msg.error.message)
+            if not msg.error.request_id:
+                runner.load_error = err
+            elif runner.current is not None and runner.current.run_id == msg.error.request_id:
+                runner.current.finish(err)
+
+    async def _work(self, runner: Runner) -> None:
+        await runner.ready.wait()
+        while True:
+            while not runner.queue:
+                runner.wake.clear()
+                await runner.wake.wait()
+            job = runner.queue.popleft()
+            runner.current = job
+            runner.state = "running"
+            job.started = True
+            await pipe.write_message(runner.writer, runner_pb2.ToRunner(generate=job.request))
+            await job.finished.wait()
+            runner.current = None
+            runner.state = "ready"
+            runner.last_used = time.monotonic()
+
+    async def _watch(self, runner: Runner) -> None:
+        status = await runner.proc.wait()
+        # The leader is gone; whatever it started must not outlive it.
+        survivors = await asyncio.to_thread(process.kill_group_now, runner.pid)
+        if survivors:
+            log.error("runner %s left processes that survived SIGKILL: %s", runner.id, survivors)
+        # Let the reader drain what the runner said before it died (its last error, say).
+        reader = runner.tasks[0]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(reader), 2.0)
+        for task in runner.tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        runner.writer.close()
+        failure = self._record_end(runner, status)
+        for job in [*([runner.current] if runner.current else []), *runner.queue]:
+            job.finish(failure)
+        runner.queue.clear()
+        del self.runners[runner.id]
+        runner.ended.set()
+
+    def _record_end(self, runner: Runner, status: int) -> ExoError:
+        """Log how the runner ended and return the error its unfinished jobs get."""
+        if runner.ending is not None and runner.ending != "crashed":
+            reason = runner.ending
+            stopped = events_pb2.RunnerStopped(runner_id=runner.id, reason=reason)
+            self._journal.append(events_pb2.Event(runner_stopped=stopped))
+            return ExoError(reason, _stop_message(runner, reason))
+        exit_status, sig = (0, -status) if status < 0 else (status, 0)
+        if runner.load_error is not None:
+            err = runner.load_error
+        else:
+            how = f"was killed by {signal.Signals(sig).name}" if sig else f"exited {exit_status}"
+            err = ExoError(
+                "crashed",
+                f"runner {runner.id} {how}; its log is {runner.log_path}. "
+                f"Last lines: {_tail(runner.log_path)}",
+            )
+        failed = events_pb2.RunnerFailed(
+            runner_id=runner.id,
+            reason=err.reason,
+            detail=err.message,
+            exit_status=exit_status,
+            signal=sig,
+        )
+        self._journal.append(events_pb2.Event(runner_failed=failed))
+        return err
+
+    def _send_soon(self, runner: Runner, msg: runner_pb2.ToRunner) -> None:
+        async def send() -> None:
+            with contextlib.suppress(ConnectionError):
+                await pipe.write_message(runner.writer, msg)
+
+        task = asyncio.create_task(send())
+        runner.tasks.append(task)
+
+
+def _stop_message(runner: Runner, reason: str) -> str:
+    if reason == "killed":
+        return f"runner {runner.id} was killed (exoctl kill) during this run"
+    if reason == "daemon_stopped":
+        return "exod is shutting down"
+    return f"runner {runner.id} was stopped ({reason})"
+
+
+def _tail(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    tail = [line for line in lines if line.strip()][-LOG_TAIL_LINES:]
+    return " | ".join(tail) if tail else "(the log is empty)"
