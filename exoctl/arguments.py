@@ -56,9 +56,10 @@ def model_dir(text: str) -> Path:
 def resolve_model(text: str) -> str:
     """What RunRequest.model should say for MODEL as typed.
 
-    `hf:ORG/NAME` goes through as is; anything that looks like a path, or names a directory
-    here, becomes absolute (the daemon's working directory is not ours) and must exist; anything
-    else must be a valid registered name.
+    `hf:ORG/NAME` goes through as is; anything that looks like a path becomes absolute (the
+    daemon's working directory is not ours) and must exist; a bare word is a registered name,
+    even when a directory of that name happens to be here (`./NAME` means the directory), so
+    that the same command means the same thing in every working directory.
     """
     if text.startswith("hf:"):
         if not _HF.fullmatch(text):
@@ -66,7 +67,7 @@ def resolve_model(text: str) -> str:
                 Exit.USAGE, one_line(f"{text!r} is not hf:ORG/NAME", "see `exoctl run --help`")
             )
         return text
-    if looks_like_path(text) or Path(text).is_dir():
+    if looks_like_path(text):
         return str(model_dir(text))
     if not _NAME.fullmatch(text):
         raise Failure(

@@ -1,161 +1,30 @@
 """The exoctl command line: click commands that check their arguments, make one call to exod,
 and print the answer as text for people or as JSON for scripts.
 
-Every way out goes through ExoctlGroup.main, which turns each failure into one line on stderr and
-an exit code from sysexits.h (docs/exit-codes.md): click's usage errors become 64 rather than
-click's 2, and a reader that closes stdout ends the command quietly with 0.
+How each command ends (exit code, the one stderr line) is group.py's business; what they share
+(--socket, --json) is options.py's.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 import grpc
 
 from exoctl import render
-from exoctl.arguments import (
-    check_name,
-    check_prompt_text,
-    decode_prompt,
-    default_socket,
-    model_dir,
-    resolve_model,
-)
+from exoctl.arguments import check_prompt_text, decode_prompt, resolve_model
 from exoctl.client import Client, cancel
-from exoctl.failures import Failure, one_line
+from exoctl.failures import Failure
+from exoctl.group import ExoctlGroup
+from exoctl.models import models_group
+from exoctl.options import connect, json_option, socket_option
 from exoctl.run import RunOutput, generate
-from exoctl.terminal import StatusLine, silence_stdout
+from exoctl.terminal import StatusLine, print_json, print_lines, say
 from exod import API_VERSION, __version__
-from exod.errors import Exit
 from exod.proto.exo.v1 import control_pb2
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def say(message: str) -> None:
-    """One line on stderr, prefixed so that it is clear which program spoke."""
-    click.echo(f"exoctl: {message}", err=True)
-
-
-def _usage_line(e: click.UsageError) -> str:
-    command = e.ctx.command_path if e.ctx is not None else "exoctl"
-    return one_line(e.format_message(), f"see `{command} --help`")
-
-
-def _internal_line(e: Exception) -> str:
-    import traceback  # noqa: PLC0415  (only on a bug: keep it off the start-up path)
-
-    where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
-    at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
-    return one_line(f"internal error in exoctl: {type(e).__name__}: {e}{at}", "please report it")
-
-
-class ExoctlGroup(click.Group):
-    """The top-level group; it owns the exit code of every command."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except BrokenPipeError:
-            # The reader has all it wanted (`| head`): not a failure. Caught here because
-            # click's own handler would exit 1.
-            silence_stdout()
-            return None
-
-    def main(
-        self,
-        args: Sequence[str] | None = None,
-        prog_name: str | None = None,
-        complete_var: str | None = None,
-        standalone_mode: bool = True,
-        windows_expand_args: bool = True,
-        **extra: Any,
-    ) -> Any:
-        code = self._exit_code(args, prog_name, complete_var, windows_expand_args, extra)
-        if standalone_mode:
-            sys.exit(code)
-        return code
-
-    def _exit_code(
-        self,
-        args: Sequence[str] | None,
-        prog_name: str | None,
-        complete_var: str | None,
-        windows_expand_args: bool,
-        extra: dict[str, Any],
-    ) -> int:
-        try:
-            rv = super().main(
-                args,
-                prog_name,
-                complete_var,
-                standalone_mode=False,
-                windows_expand_args=windows_expand_args,
-                **extra,
-            )
-            # Non-standalone click returns the code of a ctx.exit() (--help, --version).
-            code = rv if isinstance(rv, int) else Exit.OK
-        except Failure as f:
-            say(f.message)
-            code = f.code
-        except click.exceptions.NoArgsIsHelpError as e:
-            e.show()  # `exoctl` alone: the help is the message
-            code = Exit.USAGE
-        except click.UsageError as e:
-            say(_usage_line(e))
-            code = Exit.USAGE
-        except click.ClickException as e:
-            say(one_line(e.format_message(), ""))
-            code = Exit.USAGE
-        except click.Abort:
-            say("interrupted.")
-            code = Exit.INTERRUPTED
-        except Exception as e:
-            say(_internal_line(e))
-            code = Exit.INTERNAL
-        try:
-            sys.stdout.flush()
-        except BrokenPipeError:
-            silence_stdout()
-        return int(code)
-
-
-def socket_option(f: F) -> F:
-    """--socket, shared by every command so that it can be given after the command's name."""
-    return click.option(
-        "--socket",
-        type=click.Path(dir_okay=False, path_type=Path),
-        metavar="PATH",
-        envvar="EXOD_SOCKET",
-        show_envvar=True,
-        help="exod's control socket  [default: exod.sock in EXOD_HOME, else in the state dir]",
-    )(f)
-
-
-def json_option(f: F) -> F:
-    return click.option(
-        "--json", "as_json", is_flag=True, help="Print JSON (see docs/cli.md) instead of text."
-    )(f)
-
-
-def connect(socket: Path | None) -> Client:
-    path = socket.expanduser().absolute() if socket else default_socket(os.environ)
-    return Client(path)
-
-
-def print_json(obj: dict[str, Any]) -> None:
-    click.echo(render.json_line(obj))
-
-
-def print_lines(lines: Sequence[str]) -> None:
-    for line in lines:
-        click.echo(line)
 
 
 @click.group(
@@ -394,107 +263,4 @@ def events_command(
             raise client.failure(e, mid_stream=received) from None
 
 
-# --- models -------------------------------------------------------------------------------------
-
-
-def _registered(reply: control_pb2.ModelsReply, name: str) -> control_pb2.ModelInfo:
-    for model in reply.models:
-        if model.name == name:
-            return model
-    raise Failure(
-        Exit.INTERNAL,
-        one_line(f"exod did not report model {name!r} after registering it", "see `exoctl events`"),
-    )
-
-
-@cli.group("models")
-def models_group() -> None:
-    """List, add and remove the models that `exoctl run` knows by name.
-
-    \b
-    Examples:
-      exoctl models demo
-      exoctl models add qwen3 ~/models/Qwen3-0.6B-4bit
-      exoctl models list
-      exoctl models rm qwen3
-    """
-
-
-@models_group.command("list")
-@json_option
-@socket_option
-def models_list(*, as_json: bool, socket: Path | None) -> None:
-    """List the registered models: name, directory, content hash."""
-    with connect(socket) as client:
-        reply = client.models(control_pb2.ModelsRequest(action=control_pb2.ModelsRequest.LIST))
-    if as_json:
-        print_json(render.models_json(reply))
-    else:
-        print_lines(render.models_lines(reply))
-
-
-@models_group.command("add")
-@click.argument("name")
-@click.argument("directory", metavar="DIR")
-@json_option
-@socket_option
-def models_add(*, name: str, directory: str, as_json: bool, socket: Path | None) -> None:
-    """Register the model in DIR as NAME, so that `exoctl run NAME` runs it.
-
-    NAME is 1 to 64 of a-z 0-9 . _ -, starting with a letter or digit. DIR must exist; it is
-    recorded as an absolute path.
-    """
-    request = control_pb2.ModelsRequest(
-        action=control_pb2.ModelsRequest.ADD, name=check_name(name), path=str(model_dir(directory))
-    )
-    with connect(socket) as client:
-        model = _registered(client.models(request), name)
-    if as_json:
-        print_json(render.model_json(model))
-    else:
-        click.echo(f"added {model.name}: {model.path}")
-
-
-@models_group.command("rm")
-@click.argument("name")
-@json_option
-@socket_option
-def models_rm(*, name: str, as_json: bool, socket: Path | None) -> None:
-    """Forget the model NAME (its files are left alone)."""
-    request = control_pb2.ModelsRequest(
-        action=control_pb2.ModelsRequest.REMOVE, name=check_name(name)
-    )
-    with connect(socket) as client:
-        client.models(request)
-    if as_json:
-        print_json({"removed": name})
-    else:
-        click.echo(f"removed {name}")
-
-
-@models_group.command("demo")
-@click.option("--name", default="demo", show_default=True, help="Register it under this name.")
-@json_option
-@socket_option
-def models_demo(*, name: str, as_json: bool, socket: Path | None) -> None:
-    """Have exod write a tiny model with random weights and register it.
-
-    It loads in a moment and runs anywhere, to try exod out; being random, it writes gibberish.
-
-    \b
-    Example:
-      exoctl models demo && exoctl run demo "Hello"
-    """
-    request = control_pb2.ModelsRequest(
-        action=control_pb2.ModelsRequest.DEMO, name=check_name(name)
-    )
-    with connect(socket) as client:
-        model = _registered(client.models(request), name)
-    if as_json:
-        print_json(render.model_json(model))
-    else:
-        click.echo(f"registered demo model {model.name}: {model.path}")
-        click.echo(
-            f"note: its weights are random, so it writes gibberish by design; "
-            f'try `exoctl run {model.name} "Hello"`'
-        )
+cli.add_command(models_group)

@@ -24,14 +24,13 @@ class Failure(Exception):
         self.reason = reason
 
 
-# What to do, by exit code; {socket} is filled in. Interrupted needs no advice.
+# What to do, by exit code; {socket} is filled in. exod's words for a bad argument already say
+# what is wrong with it, and an interruption needs no advice.
 _HINTS: dict[Exit, str] = {
-    Exit.USAGE: "see `exoctl --help`",
-    Exit.CANNOT_RUN: "this model cannot run here; `exoctl status` shows the runner's last error",
+    Exit.USAGE: "",
+    Exit.CANNOT_RUN: "this model cannot run here; see docs/troubleshooting.md for each reason",
     Exit.NOT_FOUND: "check the name with `exoctl models list`",
-    Exit.UNAVAILABLE: (
-        "is exod running? start it with `exod` (or `exoctl service install`), socket: {socket}"
-    ),
+    Exit.UNAVAILABLE: ("is exod running? start it with `exod`; socket: {socket}"),
     Exit.INTERNAL: "this is a bug in exod; `exoctl events` and exod's log may say more",
     Exit.TEMPFAIL: "retry later",
     Exit.PERMISSION: "run exoctl as the user that runs exod (socket: {socket})",
@@ -42,8 +41,6 @@ _HINTS: dict[Exit, str] = {
 # Where a reason calls for more precise advice than its exit code's.
 _REASON_HINTS: dict[str, str] = {
     "runner_not_found": "list the runners with `exoctl status`",
-    "prompt_empty": "give the prompt as an argument or on stdin",
-    "prompt_too_long": "shorten the prompt, or raise EXOD_MAX_PROMPT_TOKENS for exod",
     "model_too_large": "pick a smaller (or quantized) model",
     "memory_short": "stop other runners (`exoctl kill`) or retry later",
     "queue_full": "retry when fewer runs are waiting",
@@ -105,6 +102,9 @@ def from_status(
             exit_, what = _unreachable(details, socket)
     elif details:
         what = details
+        if "`" in details:
+            # exod already named a command to run; a second hint would only repeat it.
+            return Failure(exit_, one_line(what, ""), reason)
     elif reason in REASONS:
         what = REASONS[reason].summary
     else:

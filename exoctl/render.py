@@ -177,7 +177,7 @@ def event_kind(record: control_pb2.EventRecord) -> str:
 def event_payload(record: control_pb2.EventRecord, *, with_defaults: bool) -> dict[str, Any]:
     """The payload's fields by their proto names, 64-bit integers as JSON numbers."""
     # Imported here: json_format costs start-up time that only `exoctl events` needs.
-    from google.protobuf import json_format  # noqa: PLC0415
+    from google.protobuf import json_format
 
     message = _payload_message(record)
     if message is None:
@@ -216,7 +216,9 @@ def _plain_value(value: Any) -> str:
         if not value or any(c.isspace() or c in '"=' for c in value):
             return json.dumps(value, ensure_ascii=False)
         return value
-    if isinstance(value, int | float):
+    if isinstance(value, float):
+        return f"{value:.4g}"  # people read 2.001, not 2.0011227029999645; --json keeps all
+    if isinstance(value, int):
         return str(value)
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 

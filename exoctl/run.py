@@ -67,7 +67,7 @@ class RunOutput:
         self._status.clear()
         try:
             if self._json:
-                self._line(render.error_json(failure.reason, failure.message, failure.code))
+                self._line(render.error_json(failure.reason, failure.message, int(failure.code)))
             elif self._mid_line:
                 self._write("\n")  # the shell's prompt should not start after half a sentence
         except BrokenPipeError:

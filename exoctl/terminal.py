@@ -1,5 +1,5 @@
-"""The terminal side of the CLI: a one-line progress display on stderr and a quiet exit when
-stdout has been closed by the reader (`exoctl run ... | head -c 10`)."""
+"""The terminal side of the CLI: printing results and messages, a one-line progress display on
+stderr, and a quiet exit when the reader has closed stdout (`exoctl run ... | head -c 10`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,27 @@ import io
 import os
 import shutil
 import sys
-from typing import TextIO
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import click
+
+from exoctl import render
+
+
+def say(message: str) -> None:
+    """One line on stderr, prefixed so that it is clear which program spoke."""
+    click.echo(f"exoctl: {message}", err=True)
+
+
+def print_json(obj: dict[str, Any]) -> None:
+    click.echo(render.json_line(obj))
+
+
+def print_lines(lines: Sequence[str]) -> None:
+    for line in lines:
+        click.echo(line)
+
 
 # Carriage return, then erase to the end of the line: the line is redrawn in place.
 _CLEAR = "\r\x1b[K"

@@ -132,7 +132,9 @@ async def serve(settings: Settings) -> None:
             raise Refused(Exit.TEMPFAIL, f"{e}: is another exod using it?") from e
         except RuntimeError as e:
             raise Refused(Exit.CONFIG, f"cannot listen on {settings.socket}: {e}") from e
-        log.info("exod %s serving on %s (node %s, home %s)", __version__, settings.socket, node_id, home)
+        log.info(
+            "exod %s serving on %s (node %s, home %s)", __version__, settings.socket, node_id, home
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -70,7 +70,9 @@ REASONS: dict[str, Reason] = {
     "evicted": Reason(grpc.StatusCode.ABORTED, Exit.TEMPFAIL, "runner evicted"),
     "idle": Reason(grpc.StatusCode.ABORTED, Exit.TEMPFAIL, "runner stopped when idle"),
     "interrupted": Reason(grpc.StatusCode.ABORTED, Exit.TEMPFAIL, "interrupted by a restart"),
-    "home_locked": Reason(grpc.StatusCode.UNAVAILABLE, Exit.TEMPFAIL, "another exod holds the home"),
+    "home_locked": Reason(
+        grpc.StatusCode.UNAVAILABLE, Exit.TEMPFAIL, "another exod holds the home"
+    ),
     # the daemon
     "daemon_stopped": Reason(grpc.StatusCode.UNAVAILABLE, Exit.UNAVAILABLE, "daemon stopped"),
     "permission_denied": Reason(

@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import queue
+import select
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import psutil
 
 # Unix socket paths must stay short (about 104 bytes on macOS): pytest's tmp_path is too long.
 SOCKET_ROOT = Path(tempfile.gettempdir())
+
+# Runner states that claim a live process: the supervisor's (loading, ready, running, stopping)
+# and the fold's for a runner the log says is alive (spawning, ready).
+ALIVE_STATES = frozenset({"spawning", "loading", "ready", "running", "stopping"})
+
+Event = dict[str, Any]
 
 
 def short_dir() -> Path:
@@ -33,6 +45,12 @@ class Result:
     def text(self) -> str:
         return self.stdout.decode()
 
+    def json_lines(self) -> list[Any]:
+        return [json.loads(line) for line in self.stdout.decode().splitlines()]
+
+    def __str__(self) -> str:
+        return f"exit {self.code}, stdout {self.stdout[:300]!r}, stderr {self.stderr[-600:]!r}"
+
 
 @dataclass
 class Daemon:
@@ -43,6 +61,7 @@ class Daemon:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    clients: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @classmethod
     def create(cls, home: Path, **env: str) -> Daemon:
@@ -54,7 +73,10 @@ class Daemon:
         env.update(self.env)
         return env
 
+    # --- exod ---------------------------------------------------------------------------------
+
     def start(self, *args: str, wait: bool = True) -> Daemon:
+        """Start exod on this home (again, after stop(): the same home and socket)."""
         self.home.mkdir(parents=True, exist_ok=True)
         self.log_path = self.home.parent / f"{self.home.name}-exod.log"
         log = open(self.log_path, "ab")  # noqa: SIM115  # the daemon writes it for its lifetime
@@ -96,6 +118,9 @@ class Daemon:
         assert self.proc is not None
         return self.proc.pid
 
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Signal exod and wait for it; returns its exit status."""
         assert self.proc is not None
@@ -115,12 +140,14 @@ class Daemon:
             try:
                 cmd = proc.info["cmdline"] or []
                 env = proc.info["environ"] or {}
-                if "exod.runners.runner" in cmd and env.get("EXOD_HOME") == str(self.home):
-                    if proc.status() != psutil.STATUS_ZOMBIE:
-                        found.append(proc.pid)
+                ours = "exod.runners.runner" in cmd and env.get("EXOD_HOME") == str(self.home)
+                if ours and proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc.pid)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         return found
+
+    # --- exoctl -------------------------------------------------------------------------------
 
     def exoctl(
         self,
@@ -131,6 +158,7 @@ class Daemon:
     ) -> Result:
         proc = subprocess.run(
             [sys.executable, "-m", "exoctl", *args],
+            check=False,
             input=input if input is not None else b"",
             capture_output=True,
             timeout=timeout,
@@ -138,15 +166,75 @@ class Daemon:
         )
         return Result(proc.returncode, proc.stdout, proc.stderr.decode(errors="replace"))
 
-    def cleanup(self) -> None:
+    def exoctl_bg(
+        self, *args: str, stdout: int | IO[bytes] = subprocess.PIPE
+    ) -> subprocess.Popen[bytes]:
+        """exoctl in the background (stdin empty, stderr piped); cleanup() ends it if a test
+        does not."""
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "exoctl", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            env=self.base_env(),
+        )
+        self.clients.append(proc)
+        return proc
+
+    def ok(self, *args: str, input: bytes | None = None) -> Result:
+        """exoctl that must succeed."""
+        result = self.exoctl(*args, input=input)
+        assert result.code == 0, f"exoctl {' '.join(args)}: {result}\n{self.log()[-3000:]}"
+        return result
+
+    def events(self, since: int = 0) -> list[Event]:
+        """`exoctl events --json`, parsed."""
+        lines = self.ok("events", "--json", "--since", str(since)).json_lines()
+        return [line for line in lines if isinstance(line, dict)]
+
+    def last_seq(self) -> int:
+        events = self.events()
+        return int(events[-1]["seq"]) if events else 0
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self.ok("status", "--json").stdout)
+        return result
+
+    def wait_event(
+        self, match: Callable[[Event], bool], *, since: int = 0, timeout: float = 15.0
+    ) -> Event:
+        """The first event after `since` that matches, waiting up to `timeout` for it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.events(since):
+                if match(event):
+                    return event
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no matching event within {timeout}s:\n{self.events(since)}")
+            time.sleep(0.1)
+
+    def cleanup(self) -> list[int]:
+        """End the clients and exod; returns the runners that outlived exod (a leak), killed."""
+        for client in self.clients:
+            if client.poll() is None:
+                client.kill()
+            client.wait()
+            for stream in (client.stdout, client.stderr):
+                if stream is not None:
+                    stream.close()
         if self.proc is not None and self.proc.poll() is None:
             self.stop(signal.SIGTERM)
-        for pid in self.runner_pids():
-            # A leak is a test failure elsewhere; here we only make sure nothing outlives the test.
-            try:
+        # exod ends its runners before it exits; after a SIGKILL their lifeline needs a moment.
+        if wait_until(lambda: not self.runner_pids(), timeout=2.0, poll=0.1):
+            return []
+        leaked = self.runner_pids()
+        for pid in leaked:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        return leaked
+
+
+# --- processes --------------------------------------------------------------------------------
 
 
 def pids_alive(pids: Sequence[int]) -> list[int]:
@@ -158,3 +246,69 @@ def pids_alive(pids: Sequence[int]) -> list[int]:
         except psutil.NoSuchProcess:
             continue
     return alive
+
+
+def group_alive(pgid: int) -> list[int]:
+    """Processes of process group `pgid` that still live (zombies do not count)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return []  # the kernel knows no process in the group, not even a zombie
+    except PermissionError:
+        pass  # someone else's process holds the id: look closer
+    alive = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                alive.append(proc.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            continue
+    return alive
+
+
+def wait_until(check: Callable[[], bool], timeout: float, poll: float = 0.02) -> bool:
+    """Whether `check()` became true within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll)
+
+
+def read_some(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> bytes:
+    """The first bytes that `proc` writes to its stdout pipe (a token, usually), or fail."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    ready, _, _ = select.select([fd], [], [], timeout)
+    assert ready, f"no output within {timeout}s"
+    data = os.read(fd, 65536)
+    assert data, f"stdout closed without output; exit {proc.wait()}: {stderr_of(proc)}"
+    return data
+
+
+def stderr_of(proc: subprocess.Popen[bytes]) -> str:
+    assert proc.stderr is not None
+    return proc.stderr.read().decode(errors="replace")
+
+
+class LineReader:
+    """Lines of a background process's stdout, read by a thread so a test can wait with a
+    timeout."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        self._stdout = proc.stdout
+        self._lines: queue.Queue[bytes] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in iter(self._stdout.readline, b""):
+            self._lines.put(line)
+
+    def next(self, timeout: float = 15.0) -> bytes:
+        try:
+            return self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no line within {timeout}s") from None

@@ -51,9 +51,10 @@ def copy_model(src: Path | None = None) -> Path:
     """A private copy of src (default: the qwen2 demo model) that a test may change."""
     global _copies  # noqa: PLW0603  # a counter for unique names within the session
     src = src or demo_model()
+    base = root()
     with _lock:
         _copies += 1
-        dest = root() / f"copy-{_copies}-{src.name}"
+        dest = base / f"copy-{_copies}-{src.name}"
     shutil.copytree(src, dest)
     return dest
 

@@ -44,7 +44,9 @@ def generate(out: Path) -> None:
         text = path.read_text()
         text = text.replace("from exo.v1 import", "from exod.proto.exo.v1 import")
         text = text.replace("import exo.v1.", "import exod.proto.exo.v1.")
-        text = text.replace(" exo.v1.", " exod.proto.exo.v1.").replace("[exo.v1.", "[exod.proto.exo.v1.")
+        text = text.replace(" exo.v1.", " exod.proto.exo.v1.").replace(
+            "[exo.v1.", "[exod.proto.exo.v1."
+        )
         path.write_text(text)
     for d in [out, *[p for p in out.rglob("*") if p.is_dir()]]:
         (d / "__init__.py").touch()

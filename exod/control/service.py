@@ -73,7 +73,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
 
     # --- Run --------------------------------------------------------------------------------------
 
-    async def Run(  # noqa: N802  # gRPC method names are CamelCase
+    async def Run(  # gRPC method names are CamelCase
         self,
         request: control_pb2.RunRequest,
         context: grpc.aio.ServicerContext[control_pb2.RunRequest, control_pb2.RunReply],
@@ -162,11 +162,17 @@ class ControlService(control_pb2_grpc.ControlServicer):
     async def _admit(self, request: control_pb2.RunRequest) -> Path:
         """Everything that can be refused before a runner is spawned."""
         if request.max_tokens < 1:
-            raise ExoError("invalid_argument", f"max_tokens must be at least 1, not {request.max_tokens}")
+            raise ExoError(
+                "invalid_argument", f"max_tokens must be at least 1, not {request.max_tokens}"
+            )
         if not request.temperature >= 0:
-            raise ExoError("invalid_argument", f"temperature must be 0 or more, not {request.temperature}")
+            raise ExoError(
+                "invalid_argument", f"temperature must be 0 or more, not {request.temperature}"
+            )
         if not request.prompt:
-            raise ExoError("prompt_empty", "the prompt is empty: give one as an argument or on stdin")
+            raise ExoError(
+                "prompt_empty", "the prompt is empty: give one as an argument or on stdin"
+            )
         path = await asyncio.to_thread(resolve_model, request.model, self._journal.state.models)
         files = await asyncio.to_thread(inspect_model, path)
         count = await asyncio.to_thread(count_prompt_tokens, path, request.prompt)
@@ -182,7 +188,9 @@ class ControlService(control_pb2_grpc.ControlServicer):
             )
         return files.path
 
-    def _finish(self, run_id: str, stop_reason: str, reason: str, done: runner_pb2.Done | None) -> None:
+    def _finish(
+        self, run_id: str, stop_reason: str, reason: str, done: runner_pb2.Done | None
+    ) -> None:
         finished = events_pb2.RunFinished(run_id=run_id, stop_reason=stop_reason, reason=reason)
         if done is not None:
             finished.prompt_tokens = done.prompt_tokens
@@ -199,7 +207,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
 
     # --- Status, Kill -----------------------------------------------------------------------------
 
-    async def Status(  # noqa: N802  # gRPC method names are CamelCase
+    async def Status(  # gRPC method names are CamelCase
         self,
         request: control_pb2.StatusRequest,
         context: grpc.aio.ServicerContext[control_pb2.StatusRequest, control_pb2.StatusReply],
@@ -234,7 +242,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
             info.memory_bytes = await asyncio.to_thread(process.tree_memory, live.pid)
         return info
 
-    async def Kill(  # noqa: N802  # gRPC method names are CamelCase
+    async def Kill(  # gRPC method names are CamelCase
         self,
         request: control_pb2.KillRequest,
         context: grpc.aio.ServicerContext[control_pb2.KillRequest, control_pb2.KillReply],
@@ -257,13 +265,15 @@ class ControlService(control_pb2_grpc.ControlServicer):
 
     # --- Events -----------------------------------------------------------------------------------
 
-    async def Events(  # noqa: N802  # gRPC method names are CamelCase
+    async def Events(  # gRPC method names are CamelCase
         self,
         request: control_pb2.EventsRequest,
         context: grpc.aio.ServicerContext[control_pb2.EventsRequest, control_pb2.EventRecord],
     ) -> AsyncIterator[control_pb2.EventRecord]:
         if request.since < 0 or request.limit < 0:
-            await abort(context, ExoError("invalid_argument", "since and limit must not be negative"))
+            await abort(
+                context, ExoError("invalid_argument", "since and limit must not be negative")
+            )
         since, sent = request.since, 0
         while True:
             batch = self._journal.store.read(since, EVENTS_BATCH)
@@ -280,7 +290,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
 
     # --- Models -----------------------------------------------------------------------------------
 
-    async def Models(  # noqa: N802  # gRPC method names are CamelCase
+    async def Models(  # gRPC method names are CamelCase
         self,
         request: control_pb2.ModelsRequest,
         context: grpc.aio.ServicerContext[control_pb2.ModelsRequest, control_pb2.ModelsReply],
@@ -297,7 +307,10 @@ class ControlService(control_pb2_grpc.ControlServicer):
         if action == control_pb2.ModelsRequest.LIST:
             models = sorted(self._journal.state.models.values(), key=lambda m: m.name)
             return control_pb2.ModelsReply(
-                models=[control_pb2.ModelInfo(name=m.name, path=m.path, content_hash=m.content_hash) for m in models]
+                models=[
+                    control_pb2.ModelInfo(name=m.name, path=m.path, content_hash=m.content_hash)
+                    for m in models
+                ]
             )
         name = request.name or ("demo" if action == control_pb2.ModelsRequest.DEMO else "")
         if not MODEL_NAME.fullmatch(name):
@@ -308,7 +321,10 @@ class ControlService(control_pb2_grpc.ControlServicer):
             )
         if action == control_pb2.ModelsRequest.REMOVE:
             if name not in self._journal.state.models:
-                raise ExoError("model_not_found", f"no registered model named {name!r}: see `exoctl models list`")
+                raise ExoError(
+                    "model_not_found",
+                    f"no registered model named {name!r}: see `exoctl models list`",
+                )
             self._journal.append(events_pb2.Event(model_removed=events_pb2.ModelRemoved(name=name)))
             return control_pb2.ModelsReply()
         if action == control_pb2.ModelsRequest.DEMO:
@@ -318,7 +334,9 @@ class ControlService(control_pb2_grpc.ControlServicer):
         elif action == control_pb2.ModelsRequest.ADD:
             path = Path(request.path)
             if not path.is_absolute():
-                raise ExoError("invalid_argument", f"model directory {request.path!r} must be an absolute path")
+                raise ExoError(
+                    "invalid_argument", f"model directory {request.path!r} must be an absolute path"
+                )
         else:
             raise ExoError("invalid_argument", f"unknown models action {action}")
         files = await asyncio.to_thread(inspect_model, path)

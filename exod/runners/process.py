@@ -7,6 +7,7 @@ is the runner's pid and one signal reaches everything the runner started.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -29,10 +30,8 @@ def group_members(pgid: int) -> list[int]:
 
 
 def signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 async def end_group(pgid: int, grace: float, *, poll: float = 0.05) -> list[int]:

@@ -146,17 +146,10 @@ class Loaded:
     load_s: float
 
 
-class LoadFailed(Exception):
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-
 # Exceptions of mlx_lm.utils.load_model by type, after the two cases that need a closer look.
 _LOAD_ERRORS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
     (ImportError, "model_unsupported"),
-    ((json.JSONDecodeError, UnicodeDecodeError), "model_unreadable"),
+    ((json.JSONDecodeError, UnicodeError), "model_unreadable"),
     ((KeyError, TypeError), "model_unreadable"),  # ModelArgs.from_dict: a required field missing
     (RuntimeError, "weights_corrupt"),  # mx.load: a garbled or truncated safetensors file
     (OSError, "model_unreadable"),
@@ -194,19 +187,20 @@ def one_line(exc: BaseException) -> str:
 
 
 def load(model_path: str, channel: Channel) -> Loaded:
-    """Load the model as mlx_lm.load(path) does, reporting progress per phase and per layer."""
+    """Load the model as mlx_lm.load(path) does, reporting progress per phase and per layer.
+
+    Raises ExoError with the reason the load failed.
+    """
     start = time.perf_counter()
     channel.progress("started")
     path = Path(model_path)
-    try:
-        # Cheap checks first, and the only safe ones: mx.load would block forever on a FIFO.
-        inspect_model(path)
-    except ExoError as e:
-        raise LoadFailed(e.reason, e.message) from None
+    # Cheap checks first (ExoError when they fail), and safe ones: mx.load would block forever
+    # on a named pipe.
+    inspect_model(path)
 
     # MLX loads only now: a runner that is refused above never pays for it.
-    import mlx.core as mx  # noqa: PLC0415
-    from mlx_lm.utils import load_model, load_tokenizer  # noqa: PLC0415
+    import mlx.core as mx
+    from mlx_lm.utils import load_model, load_tokenizer
 
     channel.progress("imported")
     try:
@@ -214,7 +208,7 @@ def load(model_path: str, channel: Channel) -> Loaded:
         model, config = load_model(path, lazy=True, trust_remote_code=False)
     except Exception as e:
         reason = load_error_reason(e)
-        raise LoadFailed(reason, load_error_message(reason, path, e)) from e
+        raise ExoError(reason, load_error_message(reason, path, e)) from e
 
     layers = list(getattr(model, "layers", []))
     try:
@@ -223,7 +217,7 @@ def load(model_path: str, channel: Channel) -> Loaded:
             channel.progress("weights", i, len(layers))
         mx.eval(model.parameters())  # embeddings, final norm, head
     except Exception as e:
-        raise LoadFailed("weights_corrupt", load_error_message("weights_corrupt", path, e)) from e
+        raise ExoError("weights_corrupt", load_error_message("weights_corrupt", path, e)) from e
     if not layers:
         channel.progress("weights", 1, 1)
 
@@ -231,21 +225,12 @@ def load(model_path: str, channel: Channel) -> Loaded:
         eos_token_ids = config.get("eos_token_id", None)
         tokenizer = load_tokenizer(path, None, eos_token_ids=eos_token_ids)  # type: ignore[no-untyped-call]  # mlx-lm leaves it unannotated
     except Exception as e:
-        raise LoadFailed("model_unreadable", load_error_message("model_unreadable", path, e)) from e
+        raise ExoError("model_unreadable", load_error_message("model_unreadable", path, e)) from e
     channel.progress("tokenizer")
     return Loaded(model, tokenizer, context_length(config), time.perf_counter() - start)
 
 
 # --- generating -----------------------------------------------------------------------------
-
-
-class Refused(Exception):
-    """A request the runner will not run; it stays loaded for the next one."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 class _Cancelled(Exception):
@@ -259,15 +244,16 @@ def prompt_limit(context_length: int, max_prompt_tokens: int) -> int | None:
 
 
 def check_request(req: runner_pb2.Generate, prompt_tokens: int, limit: int | None) -> None:
-    """Refused for a request this model cannot run; None when it can."""
+    """ExoError for a request this model will not run; the runner stays loaded for the next."""
     if req.max_tokens < 1:
-        raise Refused("invalid_argument", f"max_tokens must be at least 1, not {req.max_tokens}")
+        raise ExoError("invalid_argument", f"max_tokens must be at least 1, not {req.max_tokens}")
     if req.temperature < 0:
-        raise Refused("invalid_argument", f"temperature must be >= 0, not {req.temperature}")
-    if prompt_tokens == 0:
-        raise Refused("prompt_empty", "the prompt is empty: give some text to continue")
+        raise ExoError("invalid_argument", f"temperature must be >= 0, not {req.temperature}")
+    # An empty prompt is refused in chat mode too, where the template alone has tokens.
+    if prompt_tokens == 0 or not req.prompt:
+        raise ExoError("prompt_empty", "the prompt is empty: give some text to continue")
     if limit is not None and prompt_tokens > limit:
-        raise Refused(
+        raise ExoError(
             "prompt_too_long",
             f"the prompt has {prompt_tokens} tokens, more than the {limit} allowed: shorten it "
             "(or raise EXOD_MAX_PROMPT_TOKENS, up to the model's context length)",
@@ -295,7 +281,7 @@ def generate(req: runner_pb2.Generate, loaded: Loaded, channel: Channel, inbox: 
     rid = req.request_id
     try:
         _generate(req, loaded, channel, inbox)
-    except Refused as e:
+    except ExoError as e:
         channel.error(e.reason, e.message, rid)
     except Exception as e:
         log.exception("generation %s failed", rid)
@@ -305,9 +291,9 @@ def generate(req: runner_pb2.Generate, loaded: Loaded, channel: Channel, inbox: 
 
 
 def _generate(req: runner_pb2.Generate, loaded: Loaded, channel: Channel, inbox: Inbox) -> None:
-    import mlx.core as mx  # noqa: PLC0415  # loaded already; bound here to keep the module light
-    from mlx_lm.generate import stream_generate  # noqa: PLC0415
-    from mlx_lm.sample_utils import make_sampler  # noqa: PLC0415
+    import mlx.core as mx  # loaded already; bound here to keep the module light
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
 
     rid = req.request_id
     start = time.perf_counter()
@@ -445,7 +431,7 @@ def serve(channel: Channel, inbox: Inbox) -> int:
         return Exit.INTERNAL
     try:
         loaded = load(msg.load.model_path, channel)
-    except LoadFailed as e:
+    except ExoError as e:
         log.exception("load of %s failed (%s)", msg.load.model_path, e.reason)
         channel.error(e.reason, e.message)
         return REASONS[e.reason].exit

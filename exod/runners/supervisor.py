@@ -86,6 +86,9 @@ class Supervisor:
         self._settings = settings
         self.runners: dict[str, Runner] = {}
         self._logs = settings.home / "runners"
+        # Held from looking for a model's runner until a new one is registered: without it, runs
+        # that arrive together for a model not loaded yet would each spawn a runner of their own.
+        self._spawning = asyncio.Lock()
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -102,7 +105,8 @@ class Supervisor:
         `accept(runner_id, queue_position)` runs after admission and before the job can start,
         so the run is in the log before any token of it exists.
         """
-        runner = self._live_for(model_path) or await self._spawn(model, model_path)
+        async with self._spawning:
+            runner = self._live_for(model_path) or await self._spawn(model, model_path)
         if len(runner.queue) >= self._settings.queue_depth:
             raise ExoError(
                 "queue_full",
@@ -139,14 +143,25 @@ class Supervisor:
 
     async def stop(self, runner: Runner, reason: str) -> None:
         """End a runner's whole process group and return once its end is in the log."""
-        if runner.ending is None:
-            runner.ending = reason
-            runner.state = "stopping"
-            log.info("stopping runner %s (%s)", runner.id, reason)
-            survivors = await process.end_group(runner.pid, self._settings.kill_grace)
-            if survivors:
-                log.error("runner %s group survived SIGKILL: %s", runner.id, survivors)
+        self.stop_soon(runner, reason)
         await runner.ended.wait()
+
+    def stop_soon(self, runner: Runner, reason: str) -> None:
+        """Mark a runner as ending now (no new job is queued on it) and end it in the background.
+
+        The first reason wins: a runner already being stopped keeps the reason it had.
+        """
+        if runner.ending is not None:
+            return
+        runner.ending = reason
+        runner.state = "stopping"
+        log.info("stopping runner %s (%s)", runner.id, reason)
+        runner.tasks.append(asyncio.create_task(self._end_group(runner)))
+
+    async def _end_group(self, runner: Runner) -> None:
+        survivors = await process.end_group(runner.pid, self._settings.kill_grace)
+        if survivors:
+            log.error("runner %s group survived SIGKILL: %s", runner.id, survivors)
 
     async def shutdown(self) -> None:
         await asyncio.gather(*(self.stop(r, "daemon_stopped") for r in list(self.runners.values())))
@@ -159,7 +174,7 @@ class Supervisor:
             for runner in list(self.runners.values()):
                 idle = runner.state == "ready" and runner.current is None and not runner.queue
                 if idle and now - runner.last_used >= self._settings.idle_ttl:
-                    asyncio.create_task(self.stop(runner, "idle"))  # noqa: RUF006  # tracked by runner.ended
+                    self.stop_soon(runner, "idle")
 
     # --- spawning ---------------------------------------------------------------------------------
 
@@ -184,7 +199,8 @@ class Supervisor:
             "EXOD_HOME": str(self._settings.home),
             "EXOD_RUNNER_ID": runner_id,
         }
-        with open(log_path, "ab") as log_file, ours, theirs:
+        # A local append-only file opens at once; no need to leave the loop for it.
+        with open(log_path, "ab") as log_file, ours, theirs:  # noqa: ASYNC230
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -228,7 +244,7 @@ class Supervisor:
         ]
         return runner
 
-    # --- the three tasks of a runner ---------------------------------------------------------------
+    # --- the three tasks of a runner -------------------------------------------------------------
 
     async def _read(self, runner: Runner) -> None:
         started = time.monotonic()
@@ -242,21 +258,11 @@ class Supervisor:
 
     def _dispatch(self, runner: Runner, msg: runner_pb2.FromRunner, started: float) -> None:
         which = msg.WhichOneof("msg")
+        current = runner.current
         if which == "hello":
-            if msg.hello.protocol_version != RUNNER_PROTOCOL_VERSION:
-                runner.load_error = ExoError(
-                    "internal",
-                    f"runner speaks protocol {msg.hello.protocol_version}, exod speaks "
-                    f"{RUNNER_PROTOCOL_VERSION}: reinstall exod so both come from one version",
-                )
-                asyncio.create_task(self.stop(runner, "crashed"))  # noqa: RUF006  # tracked by runner.ended
+            self._on_hello(runner, msg.hello)
         elif which == "progress":
-            if msg.progress.phase == "prefill":
-                if runner.current is not None:
-                    runner.current.out.put_nowait(msg.progress)
-            else:
-                for job in runner.queue:
-                    job.out.put_nowait(msg.progress)
+            self._on_progress(runner, msg.progress)
         elif which == "ready":
             runner.state = "ready"
             runner.last_used = time.monotonic()
@@ -264,17 +270,35 @@ class Supervisor:
             ready = events_pb2.RunnerReady(runner_id=runner.id, load_s=time.monotonic() - started)
             self._journal.append(events_pb2.Event(runner_ready=ready))
         elif which == "tokens":
-            if runner.current is not None and runner.current.run_id == msg.tokens.request_id:
-                runner.current.out.put_nowait(msg.tokens)
+            if current is not None and current.run_id == msg.tokens.request_id:
+                current.out.put_nowait(msg.tokens)
         elif which == "done":
-            if runner.current is not None and runner.current.run_id == msg.done.request_id:
-                runner.current.finish(msg.done)
+            if current is not None and current.run_id == msg.done.request_id:
+                current.finish(msg.done)
         elif which == "error":
             err = ExoError(msg.error.reason or "internal", msg.error.message)
             if not msg.error.request_id:
-                runner.load_error = err
-            elif runner.current is not None and runner.current.run_id == msg.error.request_id:
-                runner.current.finish(err)
+                runner.load_error = err  # the load failed; the runner exits next
+            elif current is not None and current.run_id == msg.error.request_id:
+                current.finish(err)
+
+    def _on_hello(self, runner: Runner, hello: runner_pb2.HelloReply) -> None:
+        if hello.protocol_version != RUNNER_PROTOCOL_VERSION:
+            runner.load_error = ExoError(
+                "internal",
+                f"runner speaks protocol {hello.protocol_version}, exod speaks "
+                f"{RUNNER_PROTOCOL_VERSION}: reinstall exod so both come from one version",
+            )
+            self.stop_soon(runner, "crashed")
+
+    def _on_progress(self, runner: Runner, progress: runner_pb2.LoadProgress) -> None:
+        """Prefill progress belongs to the job running; load progress to every job waiting."""
+        if progress.phase == "prefill":
+            if runner.current is not None:
+                runner.current.out.put_nowait(progress)
+        else:
+            for job in runner.queue:
+                job.out.put_nowait(progress)
 
     async def _work(self, runner: Runner) -> None:
         await runner.ready.wait()

@@ -1,0 +1,338 @@
+"""Rendering is pure: each output format of exoctl, checked from proto messages alone."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from exoctl import render
+from exoctl.failures import Failure
+from exoctl.run import RunOutput
+from exoctl.terminal import StatusLine
+from exod import API_VERSION
+from exod.errors import Exit
+from exod.proto.exo.v1 import control_pb2, events_pb2
+
+
+def _status() -> control_pb2.StatusReply:
+    return control_pb2.StatusReply(
+        version="0.1.0",
+        api_version=API_VERSION,
+        node_id="n-7f3a",
+        home="/home/u/.local/state/exod",
+        pid=4242,
+        uptime_s=7384.5,
+        event_count=17,
+        runners=[
+            control_pb2.RunnerInfo(
+                id="r-1",
+                model="demo",
+                state="ready",
+                pid=999,
+                memory_bytes=3 * 1024**3 // 2,
+                model_path="/m/demo",
+                queued=2,
+                idle_s=1.5,
+            ),
+            control_pb2.RunnerInfo(
+                id="r-22",
+                model="qwen",
+                state="failed",
+                last_error=control_pb2.ErrorInfo(
+                    reason="load_stall", detail="no progress\nfor 30 s"
+                ),
+            ),
+        ],
+    )
+
+
+def _record(event: events_pb2.Event, kind: str = "") -> control_pb2.EventRecord:
+    return control_pb2.EventRecord(
+        seq=12,
+        origin="n-7f3a",
+        origin_seq=9,
+        ts=Timestamp(seconds=1795756484, nanos=123456789),
+        kind=kind,
+        event=event,
+    )
+
+
+def _failed() -> control_pb2.EventRecord:
+    payload = events_pb2.RunnerFailed(runner_id="r-1", reason="load_stall", detail="no progress")
+    return _record(events_pb2.Event(runner_failed=payload), kind="RunnerFailed")
+
+
+# --- units --------------------------------------------------------------------------------------
+
+
+def test_human_bytes_uses_binary_units() -> None:
+    assert render.human_bytes(0) == "-"
+    assert render.human_bytes(512) == "512 B"
+    assert render.human_bytes(1024) == "1.0 KiB"
+    assert render.human_bytes(3 * 1024**3 // 2) == "1.5 GiB"
+    assert render.human_bytes(5 * 1024**5) == "5120.0 TiB"
+
+
+def test_human_duration_shows_two_units() -> None:
+    assert render.human_duration(0) == "0s"
+    assert render.human_duration(45.9) == "45s"
+    assert render.human_duration(192) == "3m12s"
+    assert render.human_duration(7384.5) == "2h03m"
+    assert render.human_duration(4 * 86400 + 7 * 3600) == "4d07h"
+
+
+def test_rfc3339_is_utc_with_microseconds() -> None:
+    assert render.rfc3339(Timestamp(seconds=1795756484, nanos=123456789)) == (
+        "2026-11-27T05:14:44.123456Z"
+    )
+    assert render.rfc3339(Timestamp()) == "1970-01-01T00:00:00.000000Z"
+
+
+def test_table_aligns_columns_without_trailing_blanks() -> None:
+    lines = render.table(["A", "LONGER"], [["xxx", "y"], ["z", ""]])
+    assert lines == ["A    LONGER", "xxx  y", "z"]
+
+
+def test_cut_keeps_one_line_and_marks_the_cut() -> None:
+    assert render.cut("a\nb") == "a b"
+    assert render.cut("x" * 100, 10) == "x" * 9 + "…"
+
+
+# --- status -------------------------------------------------------------------------------------
+
+
+def test_status_lines_have_a_header_and_the_runner_columns() -> None:
+    lines = render.status_lines(_status())
+    assert lines[0] == (
+        "exod 0.1.0 (api 1)  node n-7f3a  pid 4242  up 2h03m  home /home/u/.local/state/exod"
+    )
+    assert lines[1].split() == ["ID", "MODEL", "STATE", "PID", "MEMORY", "LAST", "ERROR"]
+    assert lines[2].split() == ["r-1", "demo", "ready", "999", "1.5", "GiB", "-"]
+    assert lines[3].split("  ")[0] == "r-22"
+    assert lines[3].endswith("load_stall: no progress for 30 s")
+    # Columns line up: each row's MEMORY starts where the header's does.
+    column = lines[1].index("MEMORY")
+    assert lines[2][column:].startswith("1.5 GiB")
+    assert lines[3][column] == "-"
+
+
+def test_status_lines_without_runners() -> None:
+    reply = _status()
+    del reply.runners[:]
+    assert render.status_lines(reply)[1:] == ["no runners"]
+
+
+def test_status_json_has_the_documented_shape() -> None:
+    obj = render.status_json(_status())
+    assert json.loads(render.json_line(obj)) == obj
+    assert set(obj) == {
+        "version",
+        "api_version",
+        "node_id",
+        "home",
+        "pid",
+        "uptime_s",
+        "event_count",
+        "runners",
+    }
+    ready, failed = obj["runners"]
+    assert ready == {
+        "id": "r-1",
+        "model": "demo",
+        "state": "ready",
+        "pid": 999,
+        "memory_bytes": 3 * 1024**3 // 2,
+        "last_error": None,
+        "queued": 2,
+        "idle_s": 1.5,
+        "model_path": "/m/demo",
+    }
+    assert failed["last_error"] == {"reason": "load_stall", "detail": "no progress\nfor 30 s"}
+
+
+def test_api_version_warning_only_on_a_mismatch() -> None:
+    reply = _status()
+    assert render.api_version_warning(reply) is None
+    reply.api_version = "2"
+    warning = render.api_version_warning(reply)
+    assert warning is not None
+    assert "2" in warning
+    assert API_VERSION in warning
+
+
+# --- events -------------------------------------------------------------------------------------
+
+
+def test_event_json_flattens_the_payload_beside_the_envelope() -> None:
+    obj = render.event_json(_failed())
+    assert obj == {
+        "seq": 12,
+        "origin": "n-7f3a",
+        "origin_seq": 9,
+        "ts": "2026-11-27T05:14:44.123456Z",
+        "kind": "RunnerFailed",
+        "runner_id": "r-1",
+        "reason": "load_stall",
+        "detail": "no progress",
+        "exit_status": 0,  # fields at their default are present in --json
+        "signal": 0,
+    }
+    assert list(obj)[:5] == ["seq", "origin", "origin_seq", "ts", "kind"]
+
+
+def test_event_kind_comes_from_the_payload_not_the_stored_string() -> None:
+    event = events_pb2.Event(runner_ready=events_pb2.RunnerReady(runner_id="r-1", load_s=2.5))
+    obj = render.event_json(_record(event, kind="stale"))
+    assert obj["kind"] == "RunnerReady"
+    assert obj["load_s"] == 2.5
+
+
+def test_event_of_an_unknown_kind_keeps_its_record_kind() -> None:
+    # A newer daemon's kind parses as an Event with no field set.
+    obj = render.event_json(_record(events_pb2.Event(), kind="InstancePlaced"))
+    assert obj["kind"] == "InstancePlaced"
+    assert set(obj) == {"seq", "origin", "origin_seq", "ts", "kind"}
+    assert render.event_line(_record(events_pb2.Event(), kind="InstancePlaced")).endswith(
+        "InstancePlaced"
+    )
+
+
+def test_event_line_quotes_values_with_spaces_and_omits_defaults() -> None:
+    line = render.event_line(_failed())
+    assert line == (
+        "12  2026-11-27T05:14:44.123456Z  RunnerFailed  runner_id=r-1 reason=load_stall "
+        'detail="no progress"'
+    )
+
+
+def test_event_line_writes_numbers_and_empty_strings_plainly() -> None:
+    event = events_pb2.Event(
+        run_finished=events_pb2.RunFinished(
+            run_id="u-1", stop_reason="length", generation_tokens=40, ttft_s=0.0282660820001
+        )
+    )
+    assert render.event_line(_record(event)).endswith(
+        "RunFinished  run_id=u-1 stop_reason=length generation_tokens=40 ttft_s=0.02827"
+    )
+
+
+# --- run ----------------------------------------------------------------------------------------
+
+
+def test_run_json_lines() -> None:
+    assert render.json_line(render.token_json('héllo "x"\n')) == (
+        '{"type":"token","text":"héllo \\"x\\"\\n"}'
+    )
+    done = control_pb2.RunDone(
+        prompt_tokens=5, generation_tokens=7, ttft_s=0.5, tokens_per_s=30.0, stop_reason="stop"
+    )
+    assert json.loads(render.json_line(render.done_json(done))) == {
+        "type": "done",
+        "prompt_tokens": 5,
+        "generation_tokens": 7,
+        "ttft_s": 0.5,
+        "tokens_per_s": 30.0,
+        "stop_reason": "stop",
+    }
+    assert render.error_json("crashed", "runner died", 75) == {
+        "type": "error",
+        "reason": "crashed",
+        "message": "runner died",
+        "exit_code": 75,
+    }
+
+
+def test_progress_and_started_text() -> None:
+    progress = control_pb2.Progress
+    assert render.progress_text(progress(phase="loading weights", current=3, total=24)) == (
+        "loading weights 3/24"
+    )
+    assert render.progress_text(progress(phase="tokenizing", current=2)) == "tokenizing 2"
+    assert render.progress_text(progress(phase="warming up")) == "warming up"
+    queued = control_pb2.RunStarted(run_id="u", runner_id="r-1", queue_position=2)
+    assert render.started_text(queued) == "queued for runner r-1 (position 2)"
+
+
+def _replies(*texts: str, done: bool = True) -> list[control_pb2.RunReply]:
+    replies = [control_pb2.RunReply(started=control_pb2.RunStarted(run_id="u", runner_id="r"))]
+    replies.append(control_pb2.RunReply(progress=control_pb2.Progress(phase="loading", total=2)))
+    replies += [control_pb2.RunReply(tokens=control_pb2.TokenChunk(text=t)) for t in texts]
+    if done:
+        replies.append(control_pb2.RunReply(done=control_pb2.RunDone(stop_reason="length")))
+    return replies
+
+
+def _output(as_json: bool) -> tuple[RunOutput, io.BytesIO, io.StringIO]:
+    stdout, stderr = io.BytesIO(), io.StringIO()  # StringIO is no terminal: no progress
+    return RunOutput(stdout, StatusLine(stderr), as_json=as_json), stdout, stderr
+
+
+def test_run_output_plain_is_the_text_and_one_newline() -> None:
+    out, stdout, stderr = _output(as_json=False)
+    finished = [out.reply(r) for r in _replies("Hé", "llo", "")]
+    assert finished[-1] is True
+    assert not any(finished[:-1])
+    assert stdout.getvalue() == "Héllo\n".encode()
+    assert stderr.getvalue() == ""
+
+
+def test_run_output_json_is_one_object_per_line() -> None:
+    out, stdout, _ = _output(as_json=True)
+    for reply in _replies("a", "b"):
+        out.reply(reply)
+    lines = [json.loads(line) for line in stdout.getvalue().decode().splitlines()]
+    assert [line["type"] for line in lines] == ["token", "token", "done"]
+    assert lines[-1]["stop_reason"] == "length"
+
+
+def test_run_output_on_failure_ends_the_line_or_writes_an_error_object() -> None:
+    failure = Failure(Exit.TEMPFAIL, "runner died. retry later", reason="crashed")
+    out, stdout, _ = _output(as_json=False)
+    for reply in _replies("partial", done=False):
+        out.reply(reply)
+    out.failed(failure)
+    assert stdout.getvalue() == b"partial\n"
+
+    out, stdout, _ = _output(as_json=True)
+    out.failed(failure)
+    assert json.loads(stdout.getvalue()) == {
+        "type": "error",
+        "reason": "crashed",
+        "message": "runner died. retry later",
+        "exit_code": 75,
+    }
+
+
+def test_status_line_draws_only_on_a_terminal() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Tty()
+    line = StatusLine(tty)
+    line.show("loading 1/2")
+    line.clear()
+    line.clear()  # a second clear writes nothing
+    assert tty.getvalue() == "\r\x1b[Kloading 1/2\r\x1b[K"
+
+
+# --- models and kill ----------------------------------------------------------------------------
+
+
+def test_models_table_and_json() -> None:
+    reply = control_pb2.ModelsReply(
+        models=[control_pb2.ModelInfo(name="demo", path="/m/demo", content_hash="0123456789abcdef")]
+    )
+    assert render.models_lines(reply) == ["NAME  PATH     HASH", "demo  /m/demo  0123456789ab"]
+    assert render.models_json(reply) == {
+        "models": [{"name": "demo", "path": "/m/demo", "content_hash": "0123456789abcdef"}]
+    }
+    assert render.models_lines(control_pb2.ModelsReply()) == ["no models registered"]
+
+
+def test_kill_json() -> None:
+    assert render.kill_json(control_pb2.KillReply(killed=["r-1", "r-2"])) == {
+        "killed": ["r-1", "r-2"]
+    }
