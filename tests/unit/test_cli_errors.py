@@ -332,7 +332,7 @@ def test_run_streams_the_text_then_one_newline(fake: tuple[FakeControl, str]) ->
     assert servicer.api_versions == [API_VERSION]
 
 
-def test_run_makes_a_model_directory_absolute(
+def test_run_makes_a_model_path_absolute_and_keeps_a_bare_word_a_name(
     fake: tuple[FakeControl, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     servicer, socket = fake
@@ -341,7 +341,8 @@ def test_run_makes_a_model_directory_absolute(
     assert invoke("run", "m", "hi", "--socket", socket).exit_code == 0
     assert invoke("run", "./m", "hi", "--socket", socket).exit_code == 0
     assert invoke("run", "hf:org/name", "hi", "--socket", socket).exit_code == 0
-    assert [r.model for r in servicer.run_requests] == [str(tmp_path / "m")] * 2 + ["hf:org/name"]
+    # A bare word is a registered name even when a directory of that name is here.
+    assert [r.model for r in servicer.run_requests] == ["m", str(tmp_path / "m"), "hf:org/name"]
 
 
 def test_run_json_lines_end_with_done(fake: tuple[FakeControl, str]) -> None:
