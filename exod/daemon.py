@@ -30,6 +30,9 @@ from exod.journal import Journal
 from exod.proto.exo.v1 import events_pb2
 from exod.runners import process
 from exod.runners.supervisor import Supervisor
+from exod.service.notify import Notifier
+from exod.service.selfcheck import DEFAULT_PERIOD_S, SelfCheck
+from exod.runs import Runs
 
 log = logging.getLogger("exod")
 
@@ -101,6 +104,9 @@ def close_interrupted(journal: Journal) -> None:
 
 async def serve(settings: Settings) -> None:
     home = settings.home
+    # systemd's NOTIFY_SOCKET and WATCHDOG_USEC, if it started us (a no-op otherwise).
+    notifier = Notifier.from_environ(os.environ)
+    notifier.status("replaying the event log")
     node_id = read_or_create(home / "node_id", "n-" + secrets.token_hex(6))
     secret = bytes.fromhex(read_or_create(home / "secret", secrets.token_hex(32)))
     try:
@@ -125,7 +131,7 @@ async def serve(settings: Settings) -> None:
         )
         supervisor = Supervisor(journal, settings)
         node = Node(id=node_id, secret=secret, started=time.time())
-        control = ControlService(node, settings, journal, supervisor)
+        control = ControlService(node, Runs(settings, journal, supervisor, secret))
         try:
             server, checker = await control_server.start(settings.socket, control)
         except control_server.SocketInUse as e:
@@ -140,9 +146,17 @@ async def serve(settings: Settings) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         reaper = asyncio.create_task(supervisor.reap_idle())
+        # Ready only now: the log is replayed and the socket accepts connections.
+        notifier.ready(f"serving on {settings.socket}")
+        selfcheck = SelfCheck.for_store(store, notifier.watchdog or DEFAULT_PERIOD_S)
+        health = asyncio.create_task(
+            selfcheck.run(notifier, lambda ok: control_server.set_serving(checker, ok))
+        )
         await stop.wait()
+        notifier.stopping(f"stopping: ending {len(supervisor.runners)} runner(s)")
         log.info("stopping: ending runners")
         reaper.cancel()
+        health.cancel()
         await control_server.set_serving(checker, False)
         await supervisor.shutdown()
         await server.stop(grace=1.0)

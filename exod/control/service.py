@@ -7,13 +7,12 @@ nothing a client sends can raise past this layer.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import re
-import secrets
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -22,17 +21,13 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from exod import API_VERSION, __version__
-from exod.config import Settings
 from exod.errors import REASON_KEY, ExoError
 from exod.eventlog import Record, RunnerView, StoreError
-from exod.journal import Journal
 from exod.models.demo import write_demo_model
 from exod.models.inspect import content_hash, inspect_model
-from exod.models.resolve import resolve_model
-from exod.models.tokens import count_prompt_tokens
-from exod.proto.exo.v1 import control_pb2, control_pb2_grpc, events_pb2, runner_pb2
+from exod.proto.exo.v1 import control_pb2, control_pb2_grpc, events_pb2
 from exod.runners import process
-from exod.runners.supervisor import Job, Supervisor
+from exod.runs import Runs, store_failure
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +51,13 @@ async def abort(context: grpc.aio.ServicerContext[Req, Resp], err: ExoError) -> 
     raise AssertionError("unreachable: abort raises")
 
 
-def disk_error(e: StoreError) -> ExoError:
-    if getattr(e, "disk_full", False):
-        return ExoError("disk_full", f"the event log cannot be written, the disk is full: {e}")
-    return ExoError("internal", f"the event log cannot be written: {e}")
-
-
 class ControlService(control_pb2_grpc.ControlServicer):
-    def __init__(
-        self, node: Node, settings: Settings, journal: Journal, supervisor: Supervisor
-    ) -> None:
+    def __init__(self, node: Node, runs: Runs) -> None:
         self._node = node
-        self._settings = settings
-        self._journal = journal
-        self._supervisor = supervisor
+        self._runs = runs
+        self._settings = runs.settings
+        self._journal = runs.journal
+        self._supervisor = runs.supervisor
 
     # --- Run --------------------------------------------------------------------------------------
 
@@ -79,131 +67,24 @@ class ControlService(control_pb2_grpc.ControlServicer):
         context: grpc.aio.ServicerContext[control_pb2.RunRequest, control_pb2.RunReply],
     ) -> AsyncIterator[control_pb2.RunReply]:
         try:
-            path = await self._admit(request)
+            run = await self._runs.start(request)
         except ExoError as e:
             await abort(context, e)
-        run_id = "run-" + secrets.token_hex(4)
-        generate = runner_pb2.Generate(
-            request_id=run_id,
-            prompt=request.prompt,
-            raw=request.raw,
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            has_seed=request.has_seed,
-            seed=request.seed,
-            max_prompt_tokens=self._settings.max_prompt_tokens,
+        started = control_pb2.RunStarted(
+            run_id=run.id, runner_id=run.runner_id, queue_position=run.queue_position
         )
-        started = control_pb2.RunStarted(run_id=run_id)
-
-        def accept(runner_id: str, position: int) -> None:
-            started.runner_id, started.queue_position = runner_id, position
-            accepted = events_pb2.RunAccepted(
-                run_id=run_id,
-                runner_id=runner_id,
-                model=request.model,
-                prompt_bytes=len(request.prompt.encode()),
-                prompt_hmac=self._prompt_hmac(request.prompt),
-                max_tokens=request.max_tokens,
-                temperature=request.temperature,
-            )
-            try:
-                self._journal.append(events_pb2.Event(run_accepted=accepted))
-            except StoreError as e:
-                raise disk_error(e) from e
-
+        yield control_pb2.RunReply(started=started)
         try:
-            job = await self._supervisor.submit(request.model, str(path), run_id, generate, accept)
+            async with aclosing(run.items()) as items:
+                async for item in items:
+                    if isinstance(item, control_pb2.Progress):
+                        yield control_pb2.RunReply(progress=item)
+                    elif isinstance(item, control_pb2.TokenChunk):
+                        yield control_pb2.RunReply(tokens=item)
+                    else:
+                        yield control_pb2.RunReply(done=item)
         except ExoError as e:
             await abort(context, e)
-        async for reply in self._stream(job, started, context):
-            yield reply
-
-    async def _stream(
-        self,
-        job: Job,
-        started: control_pb2.RunStarted,
-        context: grpc.aio.ServicerContext[control_pb2.RunRequest, control_pb2.RunReply],
-    ) -> AsyncIterator[control_pb2.RunReply]:
-        finished = False
-        try:
-            yield control_pb2.RunReply(started=started)
-            while True:
-                item = await job.out.get()
-                if isinstance(item, runner_pb2.LoadProgress):
-                    progress = control_pb2.Progress(
-                        phase=item.phase, current=item.current, total=item.total
-                    )
-                    yield control_pb2.RunReply(progress=progress)
-                elif isinstance(item, runner_pb2.Tokens):
-                    if item.text:
-                        yield control_pb2.RunReply(tokens=control_pb2.TokenChunk(text=item.text))
-                elif isinstance(item, runner_pb2.Done):
-                    finished = True
-                    self._finish(job.run_id, item.stop_reason, "", item)
-                    done = control_pb2.RunDone(
-                        prompt_tokens=item.prompt_tokens,
-                        generation_tokens=item.generation_tokens,
-                        ttft_s=item.ttft_s,
-                        tokens_per_s=item.tokens_per_s,
-                        stop_reason=item.stop_reason,
-                    )
-                    yield control_pb2.RunReply(done=done)
-                    return
-                else:
-                    finished = True
-                    self._finish(job.run_id, "error", item.reason, None)
-                    await abort(context, item)
-        finally:
-            if not finished:
-                # The client went away (Ctrl-C, a dropped stream): stop the work it asked for.
-                self._supervisor.cancel(job)
-                self._finish(job.run_id, "cancelled", "cancelled", None)
-
-    async def _admit(self, request: control_pb2.RunRequest) -> Path:
-        """Everything that can be refused before a runner is spawned."""
-        if request.max_tokens < 1:
-            raise ExoError(
-                "invalid_argument", f"max_tokens must be at least 1, not {request.max_tokens}"
-            )
-        if not request.temperature >= 0:
-            raise ExoError(
-                "invalid_argument", f"temperature must be 0 or more, not {request.temperature}"
-            )
-        if not request.prompt:
-            raise ExoError(
-                "prompt_empty", "the prompt is empty: give one as an argument or on stdin"
-            )
-        path = await asyncio.to_thread(resolve_model, request.model, self._journal.state.models)
-        files = await asyncio.to_thread(inspect_model, path)
-        count = await asyncio.to_thread(count_prompt_tokens, path, request.prompt)
-        limit = self._settings.max_prompt_tokens
-        if files.context_length:
-            limit = min(limit, files.context_length)
-        if count is not None and count > limit:
-            raise ExoError(
-                "prompt_too_long",
-                f"the prompt has {count} tokens, more than the {limit} allowed (model context "
-                f"{files.context_length or 'unknown'}, EXOD_MAX_PROMPT_TOKENS="
-                f"{self._settings.max_prompt_tokens}): shorten it",
-            )
-        return files.path
-
-    def _finish(
-        self, run_id: str, stop_reason: str, reason: str, done: runner_pb2.Done | None
-    ) -> None:
-        finished = events_pb2.RunFinished(run_id=run_id, stop_reason=stop_reason, reason=reason)
-        if done is not None:
-            finished.prompt_tokens = done.prompt_tokens
-            finished.generation_tokens = done.generation_tokens
-            finished.ttft_s = done.ttft_s
-            finished.tokens_per_s = done.tokens_per_s
-        try:
-            self._journal.append(events_pb2.Event(run_finished=finished))
-        except StoreError:
-            log.exception("could not record the end of run %s", run_id)
-
-    def _prompt_hmac(self, prompt: str) -> str:
-        return hmac.new(self._node.secret, prompt.encode(), "sha256").hexdigest()
 
     # --- Status, Kill -----------------------------------------------------------------------------
 
@@ -300,7 +181,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         except ExoError as e:
             await abort(context, e)
         except StoreError as e:
-            await abort(context, disk_error(e))
+            await abort(context, store_failure(e))
 
     async def _models(self, request: control_pb2.ModelsRequest) -> control_pb2.ModelsReply:
         action = request.action

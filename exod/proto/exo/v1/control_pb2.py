@@ -23,52 +23,53 @@ _sym_db = _symbol_database.Default()
 
 
 from exod.proto.exo.v1 import events_pb2 as exo_dot_v1_dot_events__pb2
+from exod.proto.exo.v1 import runner_pb2 as exo_dot_v1_dot_runner__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x65xo/v1/control.proto\x12\x06\x65xo.v1\x1a\x13\x65xo/v1/events.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x01\n\nRunRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x0b\n\x03raw\x18\x07 \x01(\x08\"\xa5\x01\n\x08RunReply\x12%\n\x07started\x18\x01 \x01(\x0b\x32\x12.exo.v1.RunStartedH\x00\x12$\n\x08progress\x18\x02 \x01(\x0b\x32\x10.exo.v1.ProgressH\x00\x12$\n\x06tokens\x18\x03 \x01(\x0b\x32\x12.exo.v1.TokenChunkH\x00\x12\x1f\n\x04\x64one\x18\x04 \x01(\x0b\x32\x0f.exo.v1.RunDoneH\x00\x42\x05\n\x03msg\"G\n\nRunStarted\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\trunner_id\x18\x02 \x01(\t\x12\x16\n\x0equeue_position\x18\x03 \x01(\x05\"9\n\x08Progress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0f\n\x07\x63urrent\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\"\x1a\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\"v\n\x07RunDone\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11generation_tokens\x18\x02 \x01(\x05\x12\x0e\n\x06ttft_s\x18\x03 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x04 \x01(\x01\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\"\x0f\n\rStatusRequest\"\xab\x01\n\x0bStatusReply\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0c\n\x04home\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\x10\n\x08uptime_s\x18\x06 \x01(\x01\x12#\n\x07runners\x18\x07 \x03(\x0b\x32\x12.exo.v1.RunnerInfo\x12\x13\n\x0b\x65vent_count\x18\x08 \x01(\x03\"\xb4\x01\n\nRunnerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x03\x12%\n\nlast_error\x18\x06 \x01(\x0b\x32\x11.exo.v1.ErrorInfo\x12\x12\n\nmodel_path\x18\x07 \x01(\t\x12\x0e\n\x06queued\x18\x08 \x01(\x05\x12\x0e\n\x06idle_s\x18\t \x01(\x01\"+\n\tErrorInfo\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"-\n\x0bKillRequest\x12\x11\n\trunner_id\x18\x01 \x01(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"\x1b\n\tKillReply\x12\x0e\n\x06killed\x18\x01 \x03(\t\"=\n\rEventsRequest\x12\r\n\x05since\x18\x01 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\r\n\x05limit\x18\x03 \x01(\x05\"\x92\x01\n\x0b\x45ventRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x12\n\norigin_seq\x18\x03 \x01(\x03\x12&\n\x02ts\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x1c\n\x05\x65vent\x18\x06 \x01(\x0b\x32\r.exo.v1.Event\"\x8c\x01\n\rModelsRequest\x12,\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1c.exo.v1.ModelsRequest.Action\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\"1\n\x06\x41\x63tion\x12\x08\n\x04LIST\x10\x00\x12\x07\n\x03\x41\x44\x44\x10\x01\x12\n\n\x06REMOVE\x10\x02\x12\x08\n\x04\x44\x45MO\x10\x03\"0\n\x0bModelsReply\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.exo.v1.ModelInfo\"=\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t2\x8c\x02\n\x07\x43ontrol\x12-\n\x03Run\x12\x12.exo.v1.RunRequest\x1a\x10.exo.v1.RunReply0\x01\x12\x34\n\x06Status\x12\x15.exo.v1.StatusRequest\x1a\x13.exo.v1.StatusReply\x12.\n\x04Kill\x12\x13.exo.v1.KillRequest\x1a\x11.exo.v1.KillReply\x12\x36\n\x06\x45vents\x12\x15.exo.v1.EventsRequest\x1a\x13.exo.v1.EventRecord0\x01\x12\x34\n\x06Models\x12\x15.exo.v1.ModelsRequest\x1a\x13.exo.v1.ModelsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x65xo/v1/control.proto\x12\x06\x65xo.v1\x1a\x13\x65xo/v1/events.proto\x1a\x13\x65xo/v1/runner.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc5\x01\n\nRunRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x0b\n\x03raw\x18\x07 \x01(\x08\x12%\n\x08messages\x18\x08 \x03(\x0b\x32\x13.exo.v1.ChatMessage\x12\x0c\n\x04stop\x18\t \x03(\t\x12\r\n\x05\x66orce\x18\n \x01(\x08\"\xa5\x01\n\x08RunReply\x12%\n\x07started\x18\x01 \x01(\x0b\x32\x12.exo.v1.RunStartedH\x00\x12$\n\x08progress\x18\x02 \x01(\x0b\x32\x10.exo.v1.ProgressH\x00\x12$\n\x06tokens\x18\x03 \x01(\x0b\x32\x12.exo.v1.TokenChunkH\x00\x12\x1f\n\x04\x64one\x18\x04 \x01(\x0b\x32\x0f.exo.v1.RunDoneH\x00\x42\x05\n\x03msg\"G\n\nRunStarted\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\trunner_id\x18\x02 \x01(\t\x12\x16\n\x0equeue_position\x18\x03 \x01(\x05\"9\n\x08Progress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0f\n\x07\x63urrent\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\"\x1a\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\"v\n\x07RunDone\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11generation_tokens\x18\x02 \x01(\x05\x12\x0e\n\x06ttft_s\x18\x03 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x04 \x01(\x01\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\"\x0f\n\rStatusRequest\"\xab\x01\n\x0bStatusReply\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0c\n\x04home\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\x10\n\x08uptime_s\x18\x06 \x01(\x01\x12#\n\x07runners\x18\x07 \x03(\x0b\x32\x12.exo.v1.RunnerInfo\x12\x13\n\x0b\x65vent_count\x18\x08 \x01(\x03\"\xb4\x01\n\nRunnerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x03\x12%\n\nlast_error\x18\x06 \x01(\x0b\x32\x11.exo.v1.ErrorInfo\x12\x12\n\nmodel_path\x18\x07 \x01(\t\x12\x0e\n\x06queued\x18\x08 \x01(\x05\x12\x0e\n\x06idle_s\x18\t \x01(\x01\"+\n\tErrorInfo\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"-\n\x0bKillRequest\x12\x11\n\trunner_id\x18\x01 \x01(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"\x1b\n\tKillReply\x12\x0e\n\x06killed\x18\x01 \x03(\t\"=\n\rEventsRequest\x12\r\n\x05since\x18\x01 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\r\n\x05limit\x18\x03 \x01(\x05\"\x92\x01\n\x0b\x45ventRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x12\n\norigin_seq\x18\x03 \x01(\x03\x12&\n\x02ts\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x1c\n\x05\x65vent\x18\x06 \x01(\x0b\x32\r.exo.v1.Event\"\x8c\x01\n\rModelsRequest\x12,\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1c.exo.v1.ModelsRequest.Action\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\"1\n\x06\x41\x63tion\x12\x08\n\x04LIST\x10\x00\x12\x07\n\x03\x41\x44\x44\x10\x01\x12\n\n\x06REMOVE\x10\x02\x12\x08\n\x04\x44\x45MO\x10\x03\"0\n\x0bModelsReply\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.exo.v1.ModelInfo\"=\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t2\x8c\x02\n\x07\x43ontrol\x12-\n\x03Run\x12\x12.exo.v1.RunRequest\x1a\x10.exo.v1.RunReply0\x01\x12\x34\n\x06Status\x12\x15.exo.v1.StatusRequest\x1a\x13.exo.v1.StatusReply\x12.\n\x04Kill\x12\x13.exo.v1.KillRequest\x1a\x11.exo.v1.KillReply\x12\x36\n\x06\x45vents\x12\x15.exo.v1.EventsRequest\x1a\x13.exo.v1.EventRecord0\x01\x12\x34\n\x06Models\x12\x15.exo.v1.ModelsRequest\x1a\x13.exo.v1.ModelsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'exo.v1.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RUNREQUEST']._serialized_start=87
-  _globals['_RUNREQUEST']._serialized_end=216
-  _globals['_RUNREPLY']._serialized_start=219
-  _globals['_RUNREPLY']._serialized_end=384
-  _globals['_RUNSTARTED']._serialized_start=386
-  _globals['_RUNSTARTED']._serialized_end=457
-  _globals['_PROGRESS']._serialized_start=459
-  _globals['_PROGRESS']._serialized_end=516
-  _globals['_TOKENCHUNK']._serialized_start=518
-  _globals['_TOKENCHUNK']._serialized_end=544
-  _globals['_RUNDONE']._serialized_start=546
-  _globals['_RUNDONE']._serialized_end=664
-  _globals['_STATUSREQUEST']._serialized_start=666
-  _globals['_STATUSREQUEST']._serialized_end=681
-  _globals['_STATUSREPLY']._serialized_start=684
-  _globals['_STATUSREPLY']._serialized_end=855
-  _globals['_RUNNERINFO']._serialized_start=858
-  _globals['_RUNNERINFO']._serialized_end=1038
-  _globals['_ERRORINFO']._serialized_start=1040
-  _globals['_ERRORINFO']._serialized_end=1083
-  _globals['_KILLREQUEST']._serialized_start=1085
-  _globals['_KILLREQUEST']._serialized_end=1130
-  _globals['_KILLREPLY']._serialized_start=1132
-  _globals['_KILLREPLY']._serialized_end=1159
-  _globals['_EVENTSREQUEST']._serialized_start=1161
-  _globals['_EVENTSREQUEST']._serialized_end=1222
-  _globals['_EVENTRECORD']._serialized_start=1225
-  _globals['_EVENTRECORD']._serialized_end=1371
-  _globals['_MODELSREQUEST']._serialized_start=1374
-  _globals['_MODELSREQUEST']._serialized_end=1514
-  _globals['_MODELSREQUEST_ACTION']._serialized_start=1465
-  _globals['_MODELSREQUEST_ACTION']._serialized_end=1514
-  _globals['_MODELSREPLY']._serialized_start=1516
-  _globals['_MODELSREPLY']._serialized_end=1564
-  _globals['_MODELINFO']._serialized_start=1566
-  _globals['_MODELINFO']._serialized_end=1627
-  _globals['_CONTROL']._serialized_start=1630
-  _globals['_CONTROL']._serialized_end=1898
+  _globals['_RUNREQUEST']._serialized_start=108
+  _globals['_RUNREQUEST']._serialized_end=305
+  _globals['_RUNREPLY']._serialized_start=308
+  _globals['_RUNREPLY']._serialized_end=473
+  _globals['_RUNSTARTED']._serialized_start=475
+  _globals['_RUNSTARTED']._serialized_end=546
+  _globals['_PROGRESS']._serialized_start=548
+  _globals['_PROGRESS']._serialized_end=605
+  _globals['_TOKENCHUNK']._serialized_start=607
+  _globals['_TOKENCHUNK']._serialized_end=633
+  _globals['_RUNDONE']._serialized_start=635
+  _globals['_RUNDONE']._serialized_end=753
+  _globals['_STATUSREQUEST']._serialized_start=755
+  _globals['_STATUSREQUEST']._serialized_end=770
+  _globals['_STATUSREPLY']._serialized_start=773
+  _globals['_STATUSREPLY']._serialized_end=944
+  _globals['_RUNNERINFO']._serialized_start=947
+  _globals['_RUNNERINFO']._serialized_end=1127
+  _globals['_ERRORINFO']._serialized_start=1129
+  _globals['_ERRORINFO']._serialized_end=1172
+  _globals['_KILLREQUEST']._serialized_start=1174
+  _globals['_KILLREQUEST']._serialized_end=1219
+  _globals['_KILLREPLY']._serialized_start=1221
+  _globals['_KILLREPLY']._serialized_end=1248
+  _globals['_EVENTSREQUEST']._serialized_start=1250
+  _globals['_EVENTSREQUEST']._serialized_end=1311
+  _globals['_EVENTRECORD']._serialized_start=1314
+  _globals['_EVENTRECORD']._serialized_end=1460
+  _globals['_MODELSREQUEST']._serialized_start=1463
+  _globals['_MODELSREQUEST']._serialized_end=1603
+  _globals['_MODELSREQUEST_ACTION']._serialized_start=1554
+  _globals['_MODELSREQUEST_ACTION']._serialized_end=1603
+  _globals['_MODELSREPLY']._serialized_start=1605
+  _globals['_MODELSREPLY']._serialized_end=1653
+  _globals['_MODELINFO']._serialized_start=1655
+  _globals['_MODELINFO']._serialized_end=1716
+  _globals['_CONTROL']._serialized_start=1719
+  _globals['_CONTROL']._serialized_end=1987
 # @@protoc_insertion_point(module_scope)

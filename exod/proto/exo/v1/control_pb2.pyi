@@ -8,6 +8,7 @@ Errors are gRPC statuses; the trailing metadata key "exo-reason" names the reaso
 
 from collections import abc as _abc
 from exod.proto.exo.v1 import events_pb2 as _events_pb2
+from exod.proto.exo.v1 import runner_pb2 as _runner_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -35,6 +36,9 @@ class RunRequest(_message.Message):
     HAS_SEED_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     RAW_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """a registered name, an absolute directory, or hf:ORG/NAME"""
     prompt: _builtins.str
@@ -43,6 +47,16 @@ class RunRequest(_message.Message):
     has_seed: _builtins.bool
     seed: _builtins.int
     raw: _builtins.bool
+    force: _builtins.bool
+    """skip the memory estimate (never the cap)"""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[_runner_pb2.ChatMessage]:
+        """a whole conversation instead of one prompt (OpenAI chat)"""
+
+    @_builtins.property
+    def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """stop sequences"""
+
     def __init__(
         self,
         *,
@@ -53,10 +67,13 @@ class RunRequest(_message.Message):
         has_seed: _builtins.bool = ...,
         seed: _builtins.int = ...,
         raw: _builtins.bool = ...,
+        messages: _abc.Iterable[_runner_pb2.ChatMessage] | None = ...,
+        stop: _abc.Iterable[_builtins.str] | None = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_seed", b"has_seed", "max_tokens", b"max_tokens", "model", b"model", "prompt", b"prompt", "raw", b"raw", "seed", b"seed", "temperature", b"temperature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "has_seed", b"has_seed", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "prompt", b"prompt", "raw", b"raw", "seed", b"seed", "stop", b"stop", "temperature", b"temperature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,8 +5,10 @@ The runner pipe: length-prefixed (4-byte big-endian) messages over a socket pair
 between exod and one runner subprocess. The daemon speaks first with Hello.
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -238,6 +240,8 @@ class Generate(_message.Message):
     HAS_SEED_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     prompt: _builtins.str
     raw: _builtins.bool
@@ -247,6 +251,14 @@ class Generate(_message.Message):
     has_seed: _builtins.bool
     seed: _builtins.int
     max_prompt_tokens: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+        """When set, the conversation to render with the chat template (prompt and raw are ignored)."""
+
+    @_builtins.property
+    def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Generation ends before the first occurrence of any of these; the text never includes it."""
+
     def __init__(
         self,
         *,
@@ -258,14 +270,39 @@ class Generate(_message.Message):
         has_seed: _builtins.bool = ...,
         seed: _builtins.int = ...,
         max_prompt_tokens: _builtins.int = ...,
+        messages: _abc.Iterable[Global___ChatMessage] | None = ...,
+        stop: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_seed", b"has_seed", "max_prompt_tokens", b"max_prompt_tokens", "max_tokens", b"max_tokens", "prompt", b"prompt", "raw", b"raw", "request_id", b"request_id", "seed", b"seed", "temperature", b"temperature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_seed", b"has_seed", "max_prompt_tokens", b"max_prompt_tokens", "max_tokens", b"max_tokens", "messages", b"messages", "prompt", b"prompt", "raw", b"raw", "request_id", b"request_id", "seed", b"seed", "stop", b"stop", "temperature", b"temperature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Generate: _TypeAlias = Generate  # noqa: Y015
+
+@_typing.final
+class ChatMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """system, user, assistant"""
+    content: _builtins.str
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        content: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
 
 @_typing.final
 class Cancel(_message.Message):

@@ -1,0 +1,191 @@
+"""A run: one generation, from admission to its RunFinished event, whoever asked for it.
+
+The gRPC Control service and the OpenAI HTTP endpoint both go through here, so validation,
+limits, the queue and the log are the same for every client. A run's items are consumed with
+`async with aclosing(run.items())`: leaving early (a dropped client, a stop sequence) cancels the
+generation in the runner and logs the run as cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from pathlib import Path
+
+from exod.config import Settings
+from exod.errors import ExoError
+from exod.eventlog import StoreError
+from exod.journal import Journal
+from exod.models.inspect import inspect_model
+from exod.models.resolve import resolve_model
+from exod.models.tokens import count_prompt_tokens
+from exod.proto.exo.v1 import control_pb2, events_pb2, runner_pb2
+from exod.runners.supervisor import Job, Supervisor
+
+log = logging.getLogger(__name__)
+
+RunItem = control_pb2.Progress | control_pb2.TokenChunk | control_pb2.RunDone
+ROLES = frozenset({"system", "user", "assistant"})
+
+
+def store_failure(e: StoreError) -> ExoError:
+    if e.disk_full:
+        return ExoError("disk_full", f"the event log cannot be written, the disk is full: {e}")
+    return ExoError("internal", f"the event log cannot be written: {e}")
+
+
+def check_request(request: control_pb2.RunRequest) -> None:
+    """What can be refused from the request alone (pure)."""
+    if request.max_tokens < 1:
+        raise ExoError(
+            "invalid_argument", f"max_tokens must be at least 1, not {request.max_tokens}"
+        )
+    if not request.temperature >= 0:
+        raise ExoError(
+            "invalid_argument", f"temperature must be 0 or more, not {request.temperature}"
+        )
+    for message in request.messages:
+        if message.role not in ROLES:
+            raise ExoError(
+                "invalid_argument",
+                f"message role {message.role!r} is not one of {', '.join(sorted(ROLES))}",
+            )
+    if not request.messages and not request.prompt:
+        raise ExoError("prompt_empty", "the prompt is empty: give one as an argument or on stdin")
+    if any(not s for s in request.stop):
+        raise ExoError("invalid_argument", "a stop sequence must not be empty")
+
+
+def prompt_text(request: control_pb2.RunRequest) -> str:
+    """The text whose tokens count against the limits (the chat template adds a few more)."""
+    if request.messages:
+        return "\n".join(m.content for m in request.messages)
+    return request.prompt
+
+
+@dataclass
+class Run:
+    id: str
+    runner_id: str
+    queue_position: int
+    job: Job
+    runs: Runs
+
+    async def items(self) -> AsyncGenerator[RunItem, None]:
+        """Progress, text chunks, then RunDone; raises ExoError when the run fails."""
+        finished = False
+        try:
+            while True:
+                item = await self.job.out.get()
+                if isinstance(item, runner_pb2.LoadProgress):
+                    yield control_pb2.Progress(
+                        phase=item.phase, current=item.current, total=item.total
+                    )
+                elif isinstance(item, runner_pb2.Tokens):
+                    if item.text:
+                        yield control_pb2.TokenChunk(text=item.text)
+                elif isinstance(item, runner_pb2.Done):
+                    finished = True
+                    self.runs.finish(self.id, item.stop_reason, "", item)
+                    yield control_pb2.RunDone(
+                        prompt_tokens=item.prompt_tokens,
+                        generation_tokens=item.generation_tokens,
+                        ttft_s=item.ttft_s,
+                        tokens_per_s=item.tokens_per_s,
+                        stop_reason=item.stop_reason,
+                    )
+                    return
+                else:
+                    finished = True
+                    self.runs.finish(self.id, "error", item.reason, None)
+                    raise item
+        finally:
+            if not finished:
+                # The consumer left (Ctrl-C, a dropped stream): stop the work it asked for.
+                self.runs.supervisor.cancel(self.job)
+                self.runs.finish(self.id, "cancelled", "cancelled", None)
+
+
+class Runs:
+    def __init__(
+        self, settings: Settings, journal: Journal, supervisor: Supervisor, secret: bytes
+    ) -> None:
+        self.settings = settings
+        self.journal = journal
+        self.supervisor = supervisor
+        self._secret = secret
+
+    async def start(self, request: control_pb2.RunRequest) -> Run:
+        """Admit a run and queue it on its model's runner; raises ExoError when refused."""
+        path = await self._admit(request)
+        run_id = "run-" + secrets.token_hex(4)
+        generate = runner_pb2.Generate(
+            request_id=run_id,
+            prompt=request.prompt,
+            raw=request.raw,
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            has_seed=request.has_seed,
+            seed=request.seed,
+            max_prompt_tokens=self.settings.max_prompt_tokens,
+            messages=request.messages,
+            stop=request.stop,
+        )
+        placed: list[tuple[str, int]] = []
+
+        def accept(runner_id: str, position: int) -> None:
+            text = prompt_text(request)
+            accepted = events_pb2.RunAccepted(
+                run_id=run_id,
+                runner_id=runner_id,
+                model=request.model,
+                prompt_bytes=len(text.encode()),
+                prompt_hmac=hmac.new(self._secret, text.encode(), "sha256").hexdigest(),
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+            )
+            try:
+                self.journal.append(events_pb2.Event(run_accepted=accepted))
+            except StoreError as e:
+                raise store_failure(e) from e
+            placed.append((runner_id, position))
+
+        job = await self.supervisor.submit(request.model, str(path), run_id, generate, accept)
+        runner_id, position = placed[0]
+        return Run(run_id, runner_id, position, job, self)
+
+    async def _admit(self, request: control_pb2.RunRequest) -> Path:
+        """Everything that can be refused before a runner is spawned."""
+        check_request(request)
+        path = await asyncio.to_thread(resolve_model, request.model, self.journal.state.models)
+        files = await asyncio.to_thread(inspect_model, path)
+        count = await asyncio.to_thread(count_prompt_tokens, path, prompt_text(request))
+        limit = self.settings.max_prompt_tokens
+        if files.context_length:
+            limit = min(limit, files.context_length)
+        if count is not None and count > limit:
+            raise ExoError(
+                "prompt_too_long",
+                f"the prompt has {count} tokens, more than the {limit} allowed (model context "
+                f"{files.context_length or 'unknown'}, EXOD_MAX_PROMPT_TOKENS="
+                f"{self.settings.max_prompt_tokens}): shorten it",
+            )
+        return files.path
+
+    def finish(
+        self, run_id: str, stop_reason: str, reason: str, done: runner_pb2.Done | None
+    ) -> None:
+        finished = events_pb2.RunFinished(run_id=run_id, stop_reason=stop_reason, reason=reason)
+        if done is not None:
+            finished.prompt_tokens = done.prompt_tokens
+            finished.generation_tokens = done.generation_tokens
+            finished.ttft_s = done.ttft_s
+            finished.tokens_per_s = done.tokens_per_s
+        try:
+            self.journal.append(events_pb2.Event(run_finished=finished))
+        except StoreError:
+            log.exception("could not record the end of run %s", run_id)

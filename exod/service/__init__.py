@@ -1,0 +1,4 @@
+"""exod as an operating-system service: the systemd notify protocol and the health self-check
+(daemon side), and everything `exoctl service` installs: platform paths, the launchd agent and
+app bundle, the systemd user unit, and the plans that put them in place.
+"""
