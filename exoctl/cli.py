@@ -96,6 +96,12 @@ def _read_prompt(argument: str | None) -> str:
     help="Seed for sampling, to repeat a run with temperature > 0.",
 )
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Start the model even if exod estimates it will not fit in memory now; the runner "
+    "memory cap (EXOD_MAX_RUNNER_MEMORY) is still enforced.",
+)
 @json_option
 @socket_option
 def run_command(
@@ -106,14 +112,15 @@ def run_command(
     temperature: float,
     seed: int | None,
     raw: bool,
+    force: bool,
     as_json: bool,
     socket: Path | None,
 ) -> None:
     """Generate text from MODEL for PROMPT (read from stdin when absent).
 
     MODEL is a registered name (`exoctl models list`), a model directory (anything with a `/`,
-    or starting with `.` or `~`, or naming a directory here), or hf:ORG/NAME. A directory that
-    does not exist fails at once with 66.
+    or starting with `.` or `~`), or hf:ORG/NAME. A directory that does not exist fails at once
+    with 66.
 
     Tokens go to stdout as they are generated, then one newline; progress goes to stderr, and
     only to a terminal. Ctrl-C cancels the generation in exod and exits 130.
@@ -135,6 +142,7 @@ def run_command(
             has_seed=seed is not None,
             seed=seed or 0,
             raw=raw,
+            force=force,
         )
         with connect(socket) as client:
             generate(client, request, out)

@@ -8,6 +8,8 @@ service manager does not restart-loop on a configuration mistake.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -32,6 +34,13 @@ class Settings:
     log_level: str
     snapshot_every: int
     kill_grace: float
+    load_stall_timeout: float
+    load_timeout: float
+    decode_stall_timeout: float
+    queue_timeout: float
+    max_runner_memory: int
+    reserved_memory: int
+    runner_wrapper: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,44 @@ def _log_level(text: str) -> str:
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ValueError("must be one of debug, info, warning, error")
     return level
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise ValueError("must be more than 0 seconds")
+    return value
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?")
+
+
+def parse_memory(text: str, total: int) -> int:
+    """Bytes from `8589934592`, `8G`, `8GiB`, `512M` or `75%` (of `total`, the machine's RAM)."""
+    t = text.strip().lower()
+    if t.endswith("%"):
+        percent = float(t[:-1])
+        if not 0 < percent <= 100:
+            raise ValueError("a percentage must be above 0 and at most 100")
+        return int(total * percent / 100)
+    size = _SIZE.fullmatch(t)
+    if size is None:
+        raise ValueError("not a size")
+    return int(float(size.group(1)) * _UNITS[size.group(2)])
+
+
+def _memory(text: str) -> int:
+    import psutil  # only here: the rest of config stays importable without it
+
+    try:
+        return parse_memory(text, psutil.virtual_memory().total)
+    except ValueError as e:
+        raise ValueError(f"{e} (a size such as 8G, 512M, 1073741824 or 75%)") from None
+
+
+def _command(text: str) -> tuple[str, ...]:
+    return tuple(shlex.split(text))
 
 
 def _path(text: str) -> Path:
@@ -133,6 +180,55 @@ SETTINGS: tuple[Setting, ...] = (
         lambda env: "5",
         _seconds,
         "seconds between SIGTERM and SIGKILL when a runner is ended",
+    ),
+    Setting(
+        "load_stall_timeout",
+        "EXOD_LOAD_STALL_TIMEOUT",
+        lambda env: "60",
+        _positive_seconds,
+        "seconds a loading runner may go without progress (phase, layer, prefill)",
+    ),
+    Setting(
+        "load_timeout",
+        "EXOD_LOAD_TIMEOUT",
+        lambda env: "900",
+        _positive_seconds,
+        "seconds a load may take in all, however steadily it progresses",
+    ),
+    Setting(
+        "decode_stall_timeout",
+        "EXOD_DECODE_STALL_TIMEOUT",
+        lambda env: "60",
+        _positive_seconds,
+        "seconds a generation may go without a token once prefill is done",
+    ),
+    Setting(
+        "queue_timeout",
+        "EXOD_QUEUE_TIMEOUT",
+        lambda env: "600",
+        _positive_seconds,
+        "seconds a run may wait in a runner's queue before it is refused",
+    ),
+    Setting(
+        "max_runner_memory",
+        "EXOD_MAX_RUNNER_MEMORY",
+        lambda env: "90%",
+        _memory,
+        "memory cap on one runner's whole process tree (USS), bytes or a percentage of RAM",
+    ),
+    Setting(
+        "reserved_memory",
+        "EXOD_RESERVED_MEMORY",
+        lambda env: "1G",
+        _memory,
+        "memory left free for everything else: a model that would eat into it waits or is refused",
+    ),
+    Setting(
+        "runner_wrapper",
+        "EXOD_RUNNER_WRAPPER",
+        lambda env: "",
+        _command,
+        "command prefix for every runner, e.g. 'nice -n 10' or 'taskset -c 0-3'",
     ),
     Setting(
         "snapshot_every",

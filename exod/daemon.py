@@ -30,9 +30,9 @@ from exod.journal import Journal
 from exod.proto.exo.v1 import events_pb2
 from exod.runners import process
 from exod.runners.supervisor import Supervisor
+from exod.runs import Runs
 from exod.service.notify import Notifier
 from exod.service.selfcheck import DEFAULT_PERIOD_S, SelfCheck
-from exod.runs import Runs
 
 log = logging.getLogger("exod")
 
@@ -145,7 +145,7 @@ async def serve(settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        reaper = asyncio.create_task(supervisor.reap_idle())
+        reaper = asyncio.create_task(supervisor.watch())
         # Ready only now: the log is replayed and the socket accepts connections.
         notifier.ready(f"serving on {settings.socket}")
         selfcheck = SelfCheck.for_store(store, notifier.watchdog or DEFAULT_PERIOD_S)

@@ -14,16 +14,16 @@ import logging
 import secrets
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from pathlib import Path
 
 from exod.config import Settings
 from exod.errors import ExoError
 from exod.eventlog import StoreError
 from exod.journal import Journal
-from exod.models.inspect import inspect_model
+from exod.models.inspect import ModelFiles, inspect_model
 from exod.models.resolve import resolve_model
 from exod.models.tokens import count_prompt_tokens
 from exod.proto.exo.v1 import control_pb2, events_pb2, runner_pb2
+from exod.runners import admission
 from exod.runners.supervisor import Job, Supervisor
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,9 @@ class Runs:
 
     async def start(self, request: control_pb2.RunRequest) -> Run:
         """Admit a run and queue it on its model's runner; raises ExoError when refused."""
-        path = await self._admit(request)
+        files = await self._admit(request)
+        # --force skips the estimate, never the cap: the supervisor still enforces that.
+        need = None if request.force else admission.estimate(files.weight_bytes)
         run_id = "run-" + secrets.token_hex(4)
         generate = runner_pb2.Generate(
             request_id=run_id,
@@ -154,11 +156,13 @@ class Runs:
                 raise store_failure(e) from e
             placed.append((runner_id, position))
 
-        job = await self.supervisor.submit(request.model, str(path), run_id, generate, accept)
+        job = await self.supervisor.submit(
+            request.model, str(files.path), run_id, generate, accept, need=need
+        )
         runner_id, position = placed[0]
         return Run(run_id, runner_id, position, job, self)
 
-    async def _admit(self, request: control_pb2.RunRequest) -> Path:
+    async def _admit(self, request: control_pb2.RunRequest) -> ModelFiles:
         """Everything that can be refused before a runner is spawned."""
         check_request(request)
         path = await asyncio.to_thread(resolve_model, request.model, self.journal.state.models)
@@ -174,7 +178,7 @@ class Runs:
                 f"{files.context_length or 'unknown'}, EXOD_MAX_PROMPT_TOKENS="
                 f"{self.settings.max_prompt_tokens}): shorten it",
             )
-        return files.path
+        return files
 
     def finish(
         self, run_id: str, stop_reason: str, reason: str, done: runner_pb2.Done | None

@@ -41,6 +41,8 @@ async def end_group(pgid: int, grace: float, *, poll: float = 0.05) -> list[int]
     uninterruptible sleep); normally empty.
     """
     signal_group(pgid, signal.SIGTERM)
+    # A stopped process (SIGSTOP, a debugger) cannot act on SIGTERM until it runs again.
+    signal_group(pgid, signal.SIGCONT)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         if not await asyncio.to_thread(group_members, pgid):

@@ -15,19 +15,22 @@ import os
 import secrets
 import signal
 import socket
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from exod import RUNNER_PROTOCOL_VERSION
 from exod.config import Settings
 from exod.errors import ExoError
 from exod.journal import Journal
 from exod.proto.exo.v1 import events_pb2, runner_pb2
-from exod.runners import pipe, process
+from exod.runners import admission, pipe, process
+from exod.runners.command import runner_command, runner_env
+from exod.runners.limits import Limits, Watch, verdict
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,13 @@ JobItem = runner_pb2.LoadProgress | runner_pb2.Tokens | runner_pb2.Done | ExoErr
 
 # Lines of a runner's log quoted in a crash's detail.
 LOG_TAIL_LINES = 12
+# Measuring a tree's USS reads /proc/*/smaps: cheap, but not worth doing five times a second.
+MEMORY_SAMPLE_PERIOD = 0.5
+# Messages that prove a runner is moving. Heartbeats do not: a runner wedged inside C++ can still
+# run its heartbeat thread.
+PROGRESS = frozenset({"hello", "progress", "ready", "tokens", "done", "error"})
+# Reasons a runner is ended for that are its failures (RunnerFailed), not requests (RunnerStopped).
+FAILURES = frozenset({"load_stall", "load_timeout", "decode_stall", "memory_limit", "crashed"})
 
 
 @dataclass(eq=False)
@@ -48,6 +58,7 @@ class Job:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     started: bool = False
     cancelled: bool = False
+    enqueued_at: float = field(default_factory=time.monotonic)
 
     def finish(self, item: runner_pb2.Done | ExoError) -> None:
         if not self.finished.is_set():
@@ -71,8 +82,14 @@ class Runner:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     ending: str | None = None  # the reason we were asked to end it
+    ending_detail: str = ""
     load_error: ExoError | None = None
     last_used: float = field(default_factory=time.monotonic)
+    spawned_at: float = field(default_factory=time.monotonic)
+    last_progress: float = field(default_factory=time.monotonic)
+    decoding: bool = False  # the current generation has produced a token
+    memory: int | None = None  # the tree's USS at the last sample
+    lifeline: int = -1  # our write end; closing it (or dying) tells the shim to end the group
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -99,14 +116,22 @@ class Supervisor:
         run_id: str,
         request: runner_pb2.Generate,
         accept: Callable[[str, int], None],
+        *,
+        need: int | None = None,
     ) -> Job:
         """Queue a generation on the model's runner, spawning one when none is alive.
 
-        `accept(runner_id, queue_position)` runs after admission and before the job can start,
-        so the run is in the log before any token of it exists.
+        `need` is the memory a new runner is estimated to take (None: skip the estimate, as
+        --force asks; the cap is enforced all the same). `accept(runner_id, queue_position)`
+        runs after admission and before the job can start, so the run is in the log before any
+        token of it exists.
         """
         async with self._spawning:
-            runner = self._live_for(model_path) or await self._spawn(model, model_path)
+            runner = self._live_for(model_path)
+            if runner is None:
+                if need is not None:
+                    await self._make_room(need)
+                runner = await self._spawn(model, model_path)
         if len(runner.queue) >= self._settings.queue_depth:
             raise ExoError(
                 "queue_full",
@@ -119,6 +144,23 @@ class Supervisor:
         runner.queue.append(job)
         runner.wake.set()
         return job
+
+    async def _make_room(self, need: int) -> None:
+        """Refuse a runner that cannot fit, or evict idle runners (LRU) until it does."""
+        vm = await asyncio.to_thread(psutil.virtual_memory)
+        memory = admission.Memory(
+            cap=self._settings.max_runner_memory,
+            total=vm.total,
+            available=vm.available,
+            reserved=self._settings.reserved_memory,
+        )
+        idle = [
+            admission.Idle(r.id, r.memory or 0, r.last_used)
+            for r in self.runners.values()
+            if r.ending is None and r.state == "ready" and r.current is None and not r.queue
+        ]
+        for runner_id in admission.plan(need, memory, idle):
+            await self.stop(self.runners[runner_id], "evicted")
 
     def cancel(self, job: Job) -> None:
         """Stop a job wherever it is: drop it from its queue, or tell its runner to stop."""
@@ -146,7 +188,7 @@ class Supervisor:
         self.stop_soon(runner, reason)
         await runner.ended.wait()
 
-    def stop_soon(self, runner: Runner, reason: str) -> None:
+    def stop_soon(self, runner: Runner, reason: str, detail: str = "") -> None:
         """Mark a runner as ending now (no new job is queued on it) and end it in the background.
 
         The first reason wins: a runner already being stopped keeps the reason it had.
@@ -154,6 +196,7 @@ class Supervisor:
         if runner.ending is not None:
             return
         runner.ending = reason
+        runner.ending_detail = detail
         runner.state = "stopping"
         log.info("stopping runner %s (%s)", runner.id, reason)
         runner.tasks.append(asyncio.create_task(self._end_group(runner)))
@@ -166,15 +209,57 @@ class Supervisor:
     async def shutdown(self) -> None:
         await asyncio.gather(*(self.stop(r, "daemon_stopped") for r in list(self.runners.values())))
 
-    async def reap_idle(self) -> None:
-        """Stop runners that have had nothing to do for the idle TTL; runs until cancelled."""
+    async def watch(self, period: float = 0.2) -> None:
+        """Enforce every limit, a few times a second, until cancelled.
+
+        Idle runners past the TTL are stopped; runners past a load, stall or memory limit are
+        ended with that reason; runs waiting past the queue timeout are refused.
+        """
+        limits = Limits.from_settings(self._settings)
+        sampled = 0.0
         while True:
-            await asyncio.sleep(min(1.0, max(self._settings.idle_ttl / 4, 0.05)))
+            await asyncio.sleep(period)
             now = time.monotonic()
+            if now - sampled >= MEMORY_SAMPLE_PERIOD:
+                sampled = now
+                await self._sample_memory()
             for runner in list(self.runners.values()):
-                idle = runner.state == "ready" and runner.current is None and not runner.queue
-                if idle and now - runner.last_used >= self._settings.idle_ttl:
-                    self.stop_soon(runner, "idle")
+                self._enforce(runner, limits, now)
+
+    async def _sample_memory(self) -> None:
+        runners = [r for r in self.runners.values() if r.ending is None]
+        sizes = await asyncio.gather(
+            *(asyncio.to_thread(process.tree_memory, r.pid) for r in runners)
+        )
+        for runner, size in zip(runners, sizes, strict=True):
+            runner.memory = size
+
+    def _enforce(self, runner: Runner, limits: Limits, now: float) -> None:
+        watch = Watch(
+            state=runner.state,
+            now=now,
+            spawned_at=runner.spawned_at,
+            last_progress=runner.last_progress,
+            decoding=runner.decoding,
+            memory=runner.memory,
+        )
+        broken = verdict(limits, watch)
+        if broken is not None:
+            log.warning("runner %s: %s", runner.id, broken[1])
+            self.stop_soon(runner, *broken)
+            return
+        idle = runner.state == "ready" and runner.current is None and not runner.queue
+        if idle and now - runner.last_used >= self._settings.idle_ttl:
+            self.stop_soon(runner, "idle")
+        for job in [j for j in runner.queue if now - j.enqueued_at > self._settings.queue_timeout]:
+            runner.queue.remove(job)
+            job.finish(
+                ExoError(
+                    "queue_timeout",
+                    f"waited {now - job.enqueued_at:.0f}s for runner {runner.id} "
+                    f"(EXOD_QUEUE_TIMEOUT={self._settings.queue_timeout:g}); retry later",
+                )
+            )
 
     # --- spawning ---------------------------------------------------------------------------------
 
@@ -189,35 +274,31 @@ class Supervisor:
         self._logs.mkdir(parents=True, exist_ok=True)
         log_path = self._logs / f"{runner_id}.log"
         ours, theirs = socket.socketpair()
-        env = {
-            **os.environ,
-            # Runners never reach a model hub nor run code shipped with a model.
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "PYTHONUNBUFFERED": "1",
-            # Lets anyone (tests, an admin with ps) tell which exod a runner belongs to.
-            "EXOD_HOME": str(self._settings.home),
-            "EXOD_RUNNER_ID": runner_id,
-        }
+        lifeline_read, lifeline_write = os.pipe()
+        command = runner_command(
+            lifeline_read, theirs.fileno(), os.getpid(), self._settings.runner_wrapper
+        )
+        env = runner_env(os.environ, self._settings.home, runner_id)
         # A local append-only file opens at once; no need to leave the loop for it.
         with open(log_path, "ab") as log_file, ours, theirs:  # noqa: ASYNC230
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "exod.runners.runner",
-                "--fd",
-                str(theirs.fileno()),
-                "--parent",
-                str(os.getpid()),
-                pass_fds=(theirs.fileno(),),
-                start_new_session=True,  # its own process group: one signal ends all of it
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=asyncio.subprocess.STDOUT,
-                env=env,
-            )
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *command,
+                    pass_fds=(theirs.fileno(), lifeline_read),
+                    start_new_session=True,  # its own process group: one signal ends all of it
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=asyncio.subprocess.STDOUT,
+                    env=env,
+                )
+            except OSError as e:
+                os.close(lifeline_write)
+                raise ExoError("internal", f"cannot start a runner: {e}") from e
+            finally:
+                os.close(lifeline_read)
             reader, writer = await asyncio.open_unix_connection(sock=ours.dup())
         runner = Runner(runner_id, model, model_path, proc, reader, writer, log_path)
+        runner.lifeline = lifeline_write
         self.runners[runner_id] = runner
         self._journal.append(
             events_pb2.Event(
@@ -232,16 +313,15 @@ class Supervisor:
             )
         )
         log.info("spawned runner %s pid %d for %s", runner_id, proc.pid, model)
-        hello = runner_pb2.Hello(protocol_version=RUNNER_PROTOCOL_VERSION)
-        await pipe.write_message(writer, runner_pb2.ToRunner(hello=hello))
-        await pipe.write_message(
-            writer, runner_pb2.ToRunner(load=runner_pb2.Load(model_path=model_path))
-        )
         runner.tasks = [
             asyncio.create_task(self._read(runner)),
             asyncio.create_task(self._work(runner)),
             asyncio.create_task(self._watch(runner)),
         ]
+        hello = runner_pb2.Hello(protocol_version=RUNNER_PROTOCOL_VERSION)
+        load = runner_pb2.Load(model_path=model_path)
+        self._send_soon(runner, runner_pb2.ToRunner(hello=hello))
+        self._send_soon(runner, runner_pb2.ToRunner(load=load))
         return runner
 
     # --- the three tasks of a runner -------------------------------------------------------------
@@ -259,6 +339,8 @@ class Supervisor:
     def _dispatch(self, runner: Runner, msg: runner_pb2.FromRunner, started: float) -> None:
         which = msg.WhichOneof("msg")
         current = runner.current
+        if which in PROGRESS:
+            runner.last_progress = time.monotonic()
         if which == "hello":
             self._on_hello(runner, msg.hello)
         elif which == "progress":
@@ -271,6 +353,7 @@ class Supervisor:
             self._journal.append(events_pb2.Event(runner_ready=ready))
         elif which == "tokens":
             if current is not None and current.run_id == msg.tokens.request_id:
+                runner.decoding = True
                 current.out.put_nowait(msg.tokens)
         elif which == "done":
             if current is not None and current.run_id == msg.done.request_id:
@@ -309,6 +392,8 @@ class Supervisor:
             job = runner.queue.popleft()
             runner.current = job
             runner.state = "running"
+            runner.decoding = False
+            runner.last_progress = time.monotonic()
             job.started = True
             await pipe.write_message(runner.writer, runner_pb2.ToRunner(generate=job.request))
             await job.finished.wait()
@@ -330,6 +415,7 @@ class Supervisor:
             if task is not asyncio.current_task():
                 task.cancel()
         runner.writer.close()
+        os.close(runner.lifeline)
         failure = self._record_end(runner, status)
         for job in [*([runner.current] if runner.current else []), *runner.queue]:
             job.finish(failure)
@@ -339,7 +425,7 @@ class Supervisor:
 
     def _record_end(self, runner: Runner, status: int) -> ExoError:
         """Log how the runner ended and return the error its unfinished jobs get."""
-        if runner.ending is not None and runner.ending != "crashed":
+        if runner.ending is not None and runner.ending not in FAILURES:
             reason = runner.ending
             stopped = events_pb2.RunnerStopped(runner_id=runner.id, reason=reason)
             self._journal.append(events_pb2.Event(runner_stopped=stopped))
@@ -347,6 +433,8 @@ class Supervisor:
         exit_status, sig = (0, -status) if status < 0 else (status, 0)
         if runner.load_error is not None:
             err = runner.load_error
+        elif runner.ending is not None and runner.ending != "crashed":
+            err = ExoError(runner.ending, f"runner {runner.id} was ended: {runner.ending_detail}")
         else:
             how = f"was killed by {signal.Signals(sig).name}" if sig else f"exited {exit_status}"
             err = ExoError(
