@@ -22,6 +22,7 @@ from exoctl.group import ExoctlGroup
 from exoctl.models import models_group
 from exoctl.options import connect, json_option, socket_option
 from exoctl.run import RunOutput, generate
+from exoctl.service import service_group
 from exoctl.terminal import StatusLine, print_json, print_lines, say
 from exod import API_VERSION, __version__
 from exod.proto.exo.v1 import control_pb2
@@ -272,3 +273,4 @@ def events_command(
 
 
 cli.add_command(models_group)
+cli.add_command(service_group)

@@ -7,6 +7,7 @@ service manager does not restart-loop on a configuration mistake.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shlex
@@ -41,6 +42,11 @@ class Settings:
     max_runner_memory: int
     reserved_memory: int
     runner_wrapper: tuple[str, ...]
+    http_port: int
+    http_bind: str
+    http_hosts: tuple[str, ...]
+    api_key_file: Path | None
+    http_max_body: int
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,41 @@ def _memory(text: str) -> int:
 
 def _command(text: str) -> tuple[str, ...]:
     return tuple(shlex.split(text))
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a TCP port, 1 to 65535, or 0 for none")
+    return value
+
+
+def _ip_address(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise ValueError("must be an IP address such as 127.0.0.1, ::1 or 0.0.0.0") from None
+
+
+def _host_names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip().lower() for n in text.split(",") if n.strip())
+    for name in names:
+        if not re.fullmatch(r"[a-z0-9._-]+|\[[0-9a-f:.]+\]", name):
+            raise ValueError(f"{name!r} is not a host name (IPv6 addresses go in brackets)")
+    return names
+
+
+def _bytes(text: str) -> int:
+    if text.strip().endswith("%"):
+        raise ValueError("must be a size such as 4M or 1048576, not a percentage")
+    value = parse_memory(text, 0)
+    if value < 1:
+        raise ValueError("must be at least 1 byte")
+    return value
+
+
+def is_loopback(address: str) -> bool:
+    return ipaddress.ip_address(address).is_loopback
 
 
 def _path(text: str) -> Path:
@@ -231,6 +272,41 @@ SETTINGS: tuple[Setting, ...] = (
         "command prefix for every runner, e.g. 'nice -n 10' or 'taskset -c 0-3'",
     ),
     Setting(
+        "http_port",
+        "EXOD_HTTP_PORT",
+        lambda env: "52415",
+        _port,
+        "TCP port of the OpenAI-compatible HTTP API; 0 turns it off",
+    ),
+    Setting(
+        "http_bind",
+        "EXOD_HTTP_BIND",
+        lambda env: "127.0.0.1",
+        _ip_address,
+        "address the HTTP API listens on; beyond loopback it needs EXOD_API_KEY_FILE",
+    ),
+    Setting(
+        "http_hosts",
+        "EXOD_HTTP_HOSTS",
+        lambda env: "",
+        _host_names,
+        "more names the HTTP API answers to in the Host header, comma-separated",
+    ),
+    Setting(
+        "api_key_file",
+        "EXOD_API_KEY_FILE",
+        lambda env: "",
+        lambda t: _path(t) if t else None,
+        "file holding the key every HTTP request must bring as 'Authorization: Bearer KEY'",
+    ),
+    Setting(
+        "http_max_body",
+        "EXOD_HTTP_MAX_BODY",
+        lambda env: "4M",
+        _bytes,
+        "largest HTTP request body accepted, in bytes (4M, 1048576)",
+    ),
+    Setting(
         "snapshot_every",
         "EXOD_SNAPSHOT_EVERY",
         lambda env: "500",
@@ -258,6 +334,14 @@ def load(flags: Mapping[str, str | None], environ: Mapping[str, str] | None = No
         raise ConfigError(
             f"socket path {values['socket']} is longer than {MAX_SOCKET_PATH} bytes, "
             "the limit of a Unix socket: set EXOD_SOCKET (or --socket) to a shorter path"
+        )
+    if values["http_port"] and values["api_key_file"] is None and not is_loopback(
+        values["http_bind"]
+    ):
+        raise ConfigError(
+            f"EXOD_HTTP_BIND={values['http_bind']} is reachable beyond this machine, and without "
+            "a key anyone who reaches it could run models: set EXOD_API_KEY_FILE to a file "
+            "holding a key, or bind 127.0.0.1"
         )
     names = {f.name for f in fields(Settings)}
     return Settings(**{k: v for k, v in values.items() if k in names})

@@ -38,6 +38,7 @@ from exod.errors import REASONS, Exit, ExoError
 from exod.models.inspect import context_length, inspect_model
 from exod.proto.exo.v1 import runner_pb2
 from exod.runners.pipe import PipeError, read_message_sync, write_message_sync
+from exod.runners.stops import StopFilter
 
 log = logging.getLogger("exod.runner")
 
@@ -249,8 +250,10 @@ def check_request(req: runner_pb2.Generate, prompt_tokens: int, limit: int | Non
         raise ExoError("invalid_argument", f"max_tokens must be at least 1, not {req.max_tokens}")
     if req.temperature < 0:
         raise ExoError("invalid_argument", f"temperature must be >= 0, not {req.temperature}")
+    if any(not s for s in req.stop):
+        raise ExoError("invalid_argument", "a stop sequence must not be empty")
     # An empty prompt is refused in chat mode too, where the template alone has tokens.
-    if prompt_tokens == 0 or not req.prompt:
+    if prompt_tokens == 0 or not (req.prompt or req.messages):
         raise ExoError("prompt_empty", "the prompt is empty: give some text to continue")
     if limit is not None and prompt_tokens > limit:
         raise ExoError(
@@ -264,8 +267,19 @@ def encode_prompt(req: runner_pb2.Generate, tokenizer: Any) -> tuple[str | list[
     """The prompt as stream_generate should get it, and its length in tokens.
 
     A raw prompt stays a string so that stream_generate encodes it exactly as mlx_lm.generate
-    does; it is encoded here the same way only to be counted.
+    does; it is encoded here the same way only to be counted. A conversation (`messages`) is
+    always rendered with the chat template: without one there is no right way to join it.
     """
+    if req.messages:
+        if not tokenizer.has_chat_template:
+            raise ExoError(
+                "invalid_argument",
+                "this model has no chat template, and chat needs a template to turn messages "
+                "into a prompt: send a plain prompt (a completion) instead",
+            )
+        conversation = [{"role": m.role, "content": m.content} for m in req.messages]
+        ids = list(tokenizer.apply_chat_template(conversation, add_generation_prompt=True))
+        return ids, len(ids)
     if not req.raw and tokenizer.has_chat_template:
         messages = [{"role": "user", "content": req.prompt}]
         ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
@@ -320,17 +334,22 @@ def _generate(req: runner_pb2.Generate, loaded: Loaded, channel: Channel, inbox:
         prompt_progress_callback=on_prefill,
         **options,
     )
-    done = _Outcome(prompt_tokens=prompt_tokens)
-    # closing(): a cancel leaves the generator early; closing it unwinds mlx-lm's wired limit.
+    done = _Outcome(prompt_tokens=prompt_tokens, stops=StopFilter(req.stop))
+    # closing(): a cancel or a stop sequence leaves the generator early; closing it unwinds
+    # mlx-lm's wired limit.
     with contextlib.closing(responses):
         try:
             for response in responses:
                 done.add(response, start, channel.send, rid)
+                if done.stops.stopped:
+                    break
                 if inbox.is_cancelled(rid):
                     done.stop_reason = "cancelled"
                     break
         except _Cancelled:
             done.stop_reason = "cancelled"
+    if done.stop_reason != "cancelled":
+        done.flush(channel.send, rid)
     channel.send(runner_pb2.FromRunner(done=done.message(rid)))
 
 
@@ -339,8 +358,9 @@ class _Outcome:
     """What a generation has produced so far, for the Tokens it sends and the Done at its end."""
 
     prompt_tokens: int
+    stops: StopFilter
     generation_tokens: int = 0
-    unsent_tokens: int = 0  # tokens whose text is still held back by the detokenizer
+    unsent_tokens: int = 0  # tokens whose text is still held back (detokenizer, stop sequences)
     ttft_s: float = 0.0
     tokens_per_s: float = 0.0
     stop_reason: str = ""
@@ -356,10 +376,20 @@ class _Outcome:
         self.unsent_tokens += 1
         if response.finish_reason:
             self.stop_reason = str(response.finish_reason)
-        # An empty segment (half a UTF-8 character, a space waiting for the next token) is not
-        # sent; its token is counted with the next segment that carries text.
-        if response.text:
-            tokens = runner_pb2.Tokens(request_id=rid, text=response.text, count=self.unsent_tokens)
+        self._send(self.stops.feed(response.text), send, rid)
+        if self.stops.stopped:
+            self.stop_reason = "stop"
+
+    def flush(self, send: Callable[[runner_pb2.FromRunner], None], rid: str) -> None:
+        """Send what the stop sequences still hold: the generation ended without one."""
+        self._send(self.stops.flush(), send, rid)
+
+    def _send(self, text: str, send: Callable[[runner_pb2.FromRunner], None], rid: str) -> None:
+        # An empty segment (half a UTF-8 character, a space waiting for the next token, the
+        # start of what may be a stop sequence) is not sent; its token is counted with the next
+        # segment that carries text.
+        if text:
+            tokens = runner_pb2.Tokens(request_id=rid, text=text, count=self.unsent_tokens)
             send(runner_pb2.FromRunner(tokens=tokens))
             self.unsent_tokens = 0
 
