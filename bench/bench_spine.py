@@ -96,7 +96,12 @@ def main() -> None:
     model = write_demo_model(
         work / "model", hidden_size=512, num_layers=8, intermediate_size=1408, vocab_size=1024
     )
-    env = {**os.environ, "EXOD_HOME": str(work / "home"), "EXOD_SOCKET": str(work / "s.sock")}
+    env = {
+        **os.environ,
+        "EXOD_HOME": str(work / "home"),
+        "EXOD_SOCKET": str(work / "s.sock"),
+        "EXOD_HTTP_PORT": "0",  # off: a real exod may hold the default port on this machine
+    }
     daemon = subprocess.Popen(
         [sys.executable, "-m", "exod"],
         env=env,

@@ -30,7 +30,9 @@ _HINTS: dict[Exit, str] = {
     Exit.USAGE: "",
     Exit.CANNOT_RUN: "this model cannot run here; see docs/troubleshooting.md for each reason",
     Exit.NOT_FOUND: "check the name with `exoctl models list`",
-    Exit.UNAVAILABLE: ("is exod running? start it with `exod`; socket: {socket}"),
+    Exit.UNAVAILABLE: (
+        "is exod running? start it with `exod` (or `exoctl service install`), socket: {socket}"
+    ),
     Exit.INTERNAL: "this is a bug in exod; `exoctl events` and exod's log may say more",
     Exit.TEMPFAIL: "retry later",
     Exit.PERMISSION: "run exoctl as the user that runs exod (socket: {socket})",

@@ -105,8 +105,9 @@ def status_lines(reply: control_pb2.StatusReply) -> list[str]:
         f"exod {reply.version} (api {reply.api_version})  node {reply.node_id}  pid {reply.pid}  "
         f"up {human_duration(reply.uptime_s)}  home {reply.home}"
     )
+    warnings = [f"warning: {w.code}: {w.message}" for w in reply.warnings]
     if not reply.runners:
-        return [header, "no runners"]
+        return [header, *warnings, "no runners"]
     rows = []
     for r in reply.runners:
         error = _last_error(r)
@@ -120,7 +121,8 @@ def status_lines(reply: control_pb2.StatusReply) -> list[str]:
                 cut(f"{error['reason']}: {error['detail']}".rstrip(": ")) if error else "-",
             ]
         )
-    return [header, *table(["ID", "MODEL", "STATE", "PID", "MEMORY", "LAST ERROR"], rows)]
+    runners = table(["ID", "MODEL", "STATE", "PID", "MEMORY", "LAST ERROR"], rows)
+    return [header, *warnings, *runners]
 
 
 def status_json(reply: control_pb2.StatusReply) -> dict[str, Any]:
@@ -132,6 +134,7 @@ def status_json(reply: control_pb2.StatusReply) -> dict[str, Any]:
         "pid": reply.pid,
         "uptime_s": reply.uptime_s,
         "event_count": reply.event_count,
+        "warnings": [{"code": w.code, "message": w.message} for w in reply.warnings],
         "runners": [
             {
                 "id": r.id,

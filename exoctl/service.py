@@ -8,6 +8,7 @@ plan instead of carrying it out, and `--platform` picks either platform's plan o
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,7 +17,6 @@ from typing import Any, TypeVar
 
 import click
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import exod
 from exoctl.arguments import default_socket
@@ -79,8 +79,6 @@ def find_exod() -> Path:
     beside = Path(sys.executable).parent / "exod"
     if beside.is_file() and os.access(beside, os.X_OK):
         return beside.absolute()
-    import shutil
-
     found = shutil.which("exod")
     if found:
         return Path(found).absolute()
@@ -218,6 +216,8 @@ def uninstall_command(*, platform: Platform, dry_run: bool) -> None:
 
 def exod_health(socket: Path) -> str:
     """`serving`, `not_serving` (exod answers but its self-check fails) or `unreachable`."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc  # only `status` needs it
+
     try:
         with grpc.insecure_channel(f"unix:{socket}") as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(

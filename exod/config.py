@@ -335,8 +335,10 @@ def load(flags: Mapping[str, str | None], environ: Mapping[str, str] | None = No
             f"socket path {values['socket']} is longer than {MAX_SOCKET_PATH} bytes, "
             "the limit of a Unix socket: set EXOD_SOCKET (or --socket) to a shorter path"
         )
-    if values["http_port"] and values["api_key_file"] is None and not is_loopback(
-        values["http_bind"]
+    if (
+        values["http_port"]
+        and values["api_key_file"] is None
+        and not is_loopback(values["http_bind"])
     ):
         raise ConfigError(
             f"EXOD_HTTP_BIND={values['http_bind']} is reachable beyond this machine, and without "

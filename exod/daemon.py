@@ -27,10 +27,12 @@ from exod.control.service import ControlService, Node
 from exod.errors import Exit
 from exod.eventlog import EventStore, StoreError, alive_runners, replay
 from exod.journal import Journal
+from exod.openai import server as openai_server
 from exod.proto.exo.v1 import events_pb2
 from exod.runners import process
 from exod.runners.supervisor import Supervisor
 from exod.runs import Runs
+from exod.service.localnet import LocalNetwork
 from exod.service.notify import Notifier
 from exod.service.selfcheck import DEFAULT_PERIOD_S, SelfCheck
 
@@ -102,70 +104,86 @@ def close_interrupted(journal: Journal) -> None:
         journal.append(events_pb2.Event(run_finished=finished))
 
 
-async def serve(settings: Settings) -> None:
-    home = settings.home
-    # systemd's NOTIFY_SOCKET and WATCHDOG_USEC, if it started us (a no-op otherwise).
-    notifier = Notifier.from_environ(os.environ)
-    notifier.status("replaying the event log")
-    node_id = read_or_create(home / "node_id", "n-" + secrets.token_hex(6))
-    secret = bytes.fromhex(read_or_create(home / "secret", secrets.token_hex(32)))
+def open_journal(settings: Settings, node_id: str) -> Journal:
+    """Open the log, replay it, and close what died with the last exod."""
     try:
-        store = EventStore(home / "exod.db", node_id)
+        store = EventStore(settings.home / "exod.db", node_id)
     except StoreError as e:
         raise Refused(Exit.INTERNAL, str(e)) from e
     try:
         started = time.monotonic()
-        try:
-            state = replay(store)
-        except StoreError as e:
-            raise Refused(Exit.INTERNAL, str(e)) from e
-        journal = Journal(store, state, settings.snapshot_every)
+        journal = Journal(store, replay(store), settings.snapshot_every)
         log.info("replayed %d events in %.3fs", journal.state.last_seq, time.monotonic() - started)
         close_interrupted(journal)
-        journal.append(
-            events_pb2.Event(
-                node_started=events_pb2.NodeStarted(
-                    version=__version__, pid=os.getpid(), hostname=socket.gethostname()
-                )
-            )
+        started_event = events_pb2.NodeStarted(
+            version=__version__, pid=os.getpid(), hostname=socket.gethostname()
         )
+        journal.append(events_pb2.Event(node_started=started_event))
+    except StoreError as e:
+        store.close()
+        raise Refused(Exit.INTERNAL, str(e)) from e
+    except BaseException:
+        store.close()
+        raise
+    return journal
+
+
+async def serve(settings: Settings) -> None:
+    # systemd's NOTIFY_SOCKET and WATCHDOG_USEC, if it started us (a no-op otherwise).
+    notifier = Notifier.from_environ(os.environ)
+    notifier.status("replaying the event log")
+    node_id = read_or_create(settings.home / "node_id", "n-" + secrets.token_hex(6))
+    secret = bytes.fromhex(read_or_create(settings.home / "secret", secrets.token_hex(32)))
+    journal = open_journal(settings, node_id)
+    try:
         supervisor = Supervisor(journal, settings)
-        node = Node(id=node_id, secret=secret, started=time.time())
-        control = ControlService(node, Runs(settings, journal, supervisor, secret))
-        try:
-            server, checker = await control_server.start(settings.socket, control)
-        except control_server.SocketInUse as e:
-            raise Refused(Exit.TEMPFAIL, f"{e}: is another exod using it?") from e
-        except RuntimeError as e:
-            raise Refused(Exit.CONFIG, f"cannot listen on {settings.socket}: {e}") from e
-        log.info(
-            "exod %s serving on %s (node %s, home %s)", __version__, settings.socket, node_id, home
-        )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        reaper = asyncio.create_task(supervisor.watch())
-        # Ready only now: the log is replayed and the socket accepts connections.
-        notifier.ready(f"serving on {settings.socket}")
-        selfcheck = SelfCheck.for_store(store, notifier.watchdog or DEFAULT_PERIOD_S)
-        health = asyncio.create_task(
-            selfcheck.run(notifier, lambda ok: control_server.set_serving(checker, ok))
-        )
-        await stop.wait()
-        notifier.stopping(f"stopping: ending {len(supervisor.runners)} runner(s)")
-        log.info("stopping: ending runners")
-        reaper.cancel()
-        health.cancel()
-        await control_server.set_serving(checker, False)
-        await supervisor.shutdown()
-        await server.stop(grace=1.0)
+        runs = Runs(settings, journal, supervisor, secret)
+        node = Node(id=node_id, secret=secret, started=time.time(), localnet=LocalNetwork())
+        await serve_until_stopped(settings, node, runs, notifier)
         journal.append(events_pb2.Event(node_stopped=events_pb2.NodeStopped(reason="signal")))
-        with contextlib.suppress(FileNotFoundError):
-            settings.socket.unlink()
         log.info("stopped")
     finally:
-        store.close()
+        journal.store.close()
+
+
+async def serve_until_stopped(
+    settings: Settings, node: Node, runs: Runs, notifier: Notifier
+) -> None:
+    """Listen on every endpoint, enforce limits, and on SIGTERM drain: runners first."""
+    try:
+        http = await openai_server.start(settings, runs)
+    except openai_server.CannotServe as e:
+        raise Refused(e.code, str(e)) from e
+    try:
+        server, checker = await control_server.start(settings.socket, ControlService(node, runs))
+    except control_server.SocketInUse as e:
+        raise Refused(Exit.TEMPFAIL, f"{e}: is another exod using it?") from e
+    except RuntimeError as e:
+        raise Refused(Exit.CONFIG, f"cannot listen on {settings.socket}: {e}") from e
+    log.info("exod %s serving on %s (node %s)", __version__, settings.socket, node.id)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    supervisor = runs.supervisor
+    enforcer = asyncio.create_task(supervisor.watch())
+    # Ready only now: the log is replayed and the socket accepts connections.
+    notifier.ready(f"serving on {settings.socket}")
+    health = SelfCheck.for_store(runs.journal.store, notifier.watchdog or DEFAULT_PERIOD_S).start(
+        notifier, lambda ok: control_server.set_serving(checker, ok)
+    )
+    await stop.wait()
+    notifier.stopping(f"stopping: ending {len(supervisor.runners)} runner(s)")
+    log.info("stopping: ending runners")
+    enforcer.cancel()
+    health.cancel()
+    await control_server.set_serving(checker, False)
+    http.close()  # no new requests; those in flight end with their runs, just below
+    await supervisor.shutdown()
+    await http.wait_closed()
+    await server.stop(grace=1.0)
+    with contextlib.suppress(FileNotFoundError):
+        settings.socket.unlink()
 
 
 def run(settings: Settings) -> int:

@@ -156,9 +156,12 @@ class Runs:
                 raise store_failure(e) from e
             placed.append((runner_id, position))
 
-        job = await self.supervisor.submit(
-            request.model, str(files.path), run_id, generate, accept, need=need
-        )
+        try:
+            job = await self.supervisor.submit(
+                request.model, str(files.path), run_id, generate, accept, need=need
+            )
+        except StoreError as e:  # RunnerSpawned could not be logged; the runner is gone again
+            raise store_failure(e) from e
         runner_id, position = placed[0]
         return Run(run_id, runner_id, position, job, self)
 

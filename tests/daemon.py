@@ -70,6 +70,8 @@ class Daemon:
     def base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EXOD_")}
         env.update({"EXOD_HOME": str(self.home), "EXOD_SOCKET": str(self.socket)})
+        # No test binds the HTTP API's default port: the tests of the API pick a free one.
+        env["EXOD_HTTP_PORT"] = "0"
         env.update(self.env)
         return env
 

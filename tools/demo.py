@@ -22,7 +22,8 @@ def main() -> int:
     prompt = " ".join(sys.argv[1:]) or "Tell me about the sea."
     home = Path(tempfile.mkdtemp(prefix="exod-demo-"))
     sock = home / "exod.sock"
-    env = {**os.environ, "EXOD_HOME": str(home), "EXOD_SOCKET": str(sock)}
+    # The HTTP API stays off: a real exod may hold its port on this machine.
+    env = {**os.environ, "EXOD_HOME": str(home), "EXOD_SOCKET": str(sock), "EXOD_HTTP_PORT": "0"}
     log = open(home / "exod.log", "wb")  # noqa: SIM115  # exod writes it while we run
     print(f"demo: starting exod (home {home})", file=sys.stderr)
     daemon = subprocess.Popen([sys.executable, "-m", "exod"], env=env, stdout=log, stderr=log)

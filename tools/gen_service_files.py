@@ -1,7 +1,7 @@
 """Write the service templates of launchd/ and packaging/systemd/ from exod/service/templates.py.
 
-    python tools/gen_service_files.py          write them
-    python tools/gen_service_files.py --check  exit 1 when a checked-in one is stale
+python tools/gen_service_files.py          write them
+python tools/gen_service_files.py --check  exit 1 when a checked-in one is stale
 """
 
 from __future__ import annotations
@@ -16,15 +16,16 @@ sys.path.insert(0, str(ROOT))
 from exod.service import templates  # noqa: E402  # after the checkout is importable
 
 
+def _executable(path: Path) -> int:
+    # Of the mode only the executable bit counts: git keeps nothing else, the umask the rest.
+    return 0o111 if path.stat().st_mode & 0o100 else 0
+
+
 def stale() -> list[str]:
     out = []
     for name, (content, mode) in templates.files().items():
         path = ROOT / name
-        # Of the mode only the executable bit counts: git keeps nothing else, a clone's umask the rest.
-        executable = bool(mode & 0o111)
-        if not path.is_file() or path.read_bytes() != content:
-            out.append(name)
-        elif bool(path.stat().st_mode & 0o111) != executable:
+        if not path.is_file() or path.read_bytes() != content or _executable(path) != mode & 0o111:
             out.append(name)
     return out
 

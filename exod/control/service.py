@@ -28,6 +28,8 @@ from exod.models.inspect import content_hash, inspect_model
 from exod.proto.exo.v1 import control_pb2, control_pb2_grpc, events_pb2
 from exod.runners import process
 from exod.runs import Runs, store_failure
+from exod.service import localnet
+from exod.service.localnet import LocalNetwork
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class Node:
     id: str
     secret: bytes
     started: float
+    localnet: LocalNetwork
 
 
 Req = TypeVar("Req")
@@ -105,7 +108,14 @@ class ControlService(control_pb2_grpc.ControlServicer):
             uptime_s=time.time() - self._node.started,
             runners=runners,
             event_count=state.last_seq,
+            warnings=self._warnings(),
         )
+
+    def _warnings(self) -> list[control_pb2.Warning]:
+        warnings = []
+        if self._node.localnet.denied:
+            warnings.append(control_pb2.Warning(code=localnet.CONDITION, message=localnet.ADVICE))
+        return warnings
 
     async def _runner_info(self, view: RunnerView) -> control_pb2.RunnerInfo:
         info = control_pb2.RunnerInfo(

@@ -13,7 +13,6 @@ items are closed, which cancels the generation in the runner and logs the run as
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine

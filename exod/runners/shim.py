@@ -49,7 +49,9 @@ def arm_parent_death() -> None:
 def exit_like(status: int) -> int:
     """Leave the way the runner did, so exod sees the runner's own exit status or signal."""
     if status < 0:
-        signal.signal(-status, signal.SIG_DFL)
+        # SIGKILL and SIGSTOP have no handler to reset (setting one raises OSError).
+        with contextlib.suppress(OSError):
+            signal.signal(-status, signal.SIG_DFL)
         os.kill(os.getpid(), -status)
         return 128 - status
     return status

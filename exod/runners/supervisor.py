@@ -26,6 +26,7 @@ import psutil
 from exod import RUNNER_PROTOCOL_VERSION
 from exod.config import Settings
 from exod.errors import ExoError
+from exod.eventlog import StoreError
 from exod.journal import Journal
 from exod.proto.exo.v1 import events_pb2, runner_pb2
 from exod.runners import admission, pipe, process
@@ -299,19 +300,24 @@ class Supervisor:
             reader, writer = await asyncio.open_unix_connection(sock=ours.dup())
         runner = Runner(runner_id, model, model_path, proc, reader, writer, log_path)
         runner.lifeline = lifeline_write
-        self.runners[runner_id] = runner
-        self._journal.append(
-            events_pb2.Event(
-                runner_spawned=events_pb2.RunnerSpawned(
-                    runner_id=runner_id,
-                    model=model,
-                    model_path=model_path,
-                    pid=proc.pid,
-                    start_time=process.start_time_of(proc.pid),
-                    log_path=str(log_path),
-                )
-            )
+        spawned = events_pb2.RunnerSpawned(
+            runner_id=runner_id,
+            model=model,
+            model_path=model_path,
+            pid=proc.pid,
+            start_time=process.start_time_of(proc.pid),
+            log_path=str(log_path),
         )
+        try:
+            self._journal.append(events_pb2.Event(runner_spawned=spawned))
+        except StoreError:
+            # A runner the log does not know of could never be closed at restart: end it now.
+            await asyncio.to_thread(process.kill_group_now, proc.pid)
+            await proc.wait()
+            writer.close()
+            os.close(lifeline_write)
+            raise
+        self.runners[runner_id] = runner
         log.info("spawned runner %s pid %d for %s", runner_id, proc.pid, model)
         runner.tasks = [
             asyncio.create_task(self._read(runner)),
@@ -350,7 +356,7 @@ class Supervisor:
             runner.last_used = time.monotonic()
             runner.ready.set()
             ready = events_pb2.RunnerReady(runner_id=runner.id, load_s=time.monotonic() - started)
-            self._journal.append(events_pb2.Event(runner_ready=ready))
+            self._record(runner, events_pb2.Event(runner_ready=ready))
         elif which == "tokens":
             if current is not None and current.run_id == msg.tokens.request_id:
                 runner.decoding = True
@@ -428,7 +434,7 @@ class Supervisor:
         if runner.ending is not None and runner.ending not in FAILURES:
             reason = runner.ending
             stopped = events_pb2.RunnerStopped(runner_id=runner.id, reason=reason)
-            self._journal.append(events_pb2.Event(runner_stopped=stopped))
+            self._record(runner, events_pb2.Event(runner_stopped=stopped))
             return ExoError(reason, _stop_message(runner, reason))
         exit_status, sig = (0, -status) if status < 0 else (status, 0)
         if runner.load_error is not None:
@@ -449,8 +455,18 @@ class Supervisor:
             exit_status=exit_status,
             signal=sig,
         )
-        self._journal.append(events_pb2.Event(runner_failed=failed))
+        self._record(runner, events_pb2.Event(runner_failed=failed))
         return err
+
+    def _record(self, runner: Runner, event: events_pb2.Event) -> None:
+        """Log a fact about a live runner; a full disk must not stop us from ending it.
+
+        A runner whose end is missing from the log is closed as interrupted at the next start.
+        """
+        try:
+            self._journal.append(event)
+        except StoreError as e:
+            log.error("runner %s: %s not logged: %s", runner.id, event.WhichOneof("kind"), e)
 
     def _send_soon(self, runner: Runner, msg: runner_pb2.ToRunner) -> None:
         async def send() -> None:

@@ -82,6 +82,12 @@ class SelfCheck:
 
         return cls(check, period)
 
+    def start(
+        self, notifier: Notifier, set_serving: Callable[[bool], Awaitable[None]]
+    ) -> asyncio.Task[None]:
+        """run() as a task of the running loop; cancel it to stop."""
+        return asyncio.create_task(self.run(notifier, set_serving))
+
     async def run(self, notifier: Notifier, set_serving: Callable[[bool], Awaitable[None]]) -> None:
         """Check, report, repeat until cancelled."""
         loop = asyncio.get_running_loop()

@@ -135,6 +135,7 @@ def test_status_json_has_the_documented_shape() -> None:
         "pid",
         "uptime_s",
         "event_count",
+        "warnings",
         "runners",
     }
     ready, failed = obj["runners"]
@@ -336,3 +337,13 @@ def test_kill_json() -> None:
     assert render.kill_json(control_pb2.KillReply(killed=["r-1", "r-2"])) == {
         "killed": ["r-1", "r-2"]
     }
+
+
+def test_status_shows_warnings_in_both_forms() -> None:
+    reply = control_pb2.StatusReply(
+        version="1", warnings=[control_pb2.Warning(code="local_network_denied", message="fix it")]
+    )
+    assert "warning: local_network_denied: fix it" in render.status_lines(reply)
+    assert render.status_json(reply)["warnings"] == [
+        {"code": "local_network_denied", "message": "fix it"}
+    ]

@@ -1,0 +1,241 @@
+"""Fault benchmarks: how long a faulty runner outlives its limit, and how much memory comes back.
+
+For each way a runner is ended (a load stall, a decode stall, the memory cap, `exoctl kill`,
+SIGKILL of exod itself) on a real exod and a real runner of a generated model:
+
+- seconds from the fault to the verified-dead group (no process of the runner's process group
+  left, as `ps` sees it), printed beside the configured timeout, so that the difference reads as
+  the overhead of enforcement beyond the limit;
+- memory returned: the rise of the machine's available memory (psutil) from the last sample
+  while the tree still held its memory to 0.5 s after the group died, as a fraction of the
+  tree's unique memory (USS) in that sample (the tests ask for 80 % within 5 s).
+
+The fault is: SIGSTOP to the runner's group mid-load (load stall) or mid-generation (decode
+stall); a model whose runner outgrows EXOD_MAX_RUNNER_MEMORY, started with --force (the fault is
+the first sample over the cap); `exoctl kill` or SIGKILL to exod mid-generation (the time
+includes starting exoctl). Other programs' memory moves available memory too: read the
+fractions as approximate, the medians over several repeats as the figure.
+
+Run: `.venv/bin/python bench/bench_faults.py` (--quick: one repeat each). Nothing is asserted;
+record the figures in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' harness
+
+from exod.models.demo import write_demo_model  # noqa: E402  # after the path is set
+from exod.runners.process import tree_memory  # noqa: E402
+from tests.daemon import Daemon, read_some  # noqa: E402
+from tests.faults import PROMPT, Group, next_group, ready_group  # noqa: E402
+
+LOAD_STALL = 3.0
+DECODE_STALL = 2.0
+GRACE = 1.0
+CAP_MIB = 300
+SAMPLE_S = 0.02
+SETTLE_S = 0.5  # memory is freed as a process exits; this only absorbs sampling jitter
+MIB = 1 << 20
+
+
+@dataclass
+class Sampler:
+    """Samples a group's tree USS and the machine's available memory until the group is gone."""
+
+    group: Group
+    samples: list[tuple[float, int, int]] = field(default_factory=list)  # (t, uss, available)
+    dead_at: float | None = None
+    _thread: threading.Thread | None = None
+
+    def start(self) -> Sampler:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            now = time.monotonic()
+            if not self.group.members():
+                self.dead_at = now
+                return
+            uss = tree_memory(self.group.pgid)
+            self.samples.append((now, uss, psutil.virtual_memory().available))
+            time.sleep(SAMPLE_S)
+
+    def wait_dead(self, timeout: float = 60.0) -> float:
+        assert self._thread is not None
+        self._thread.join(timeout)
+        assert self.dead_at is not None, f"group {self.group.pgid} still alive after {timeout}s"
+        return self.dead_at
+
+    def first_over(self, limit: int, timeout: float = 60.0) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            over = [t for t, uss, _ in self.samples if uss > limit]
+            if over:
+                return over[0]
+            time.sleep(SAMPLE_S)
+        raise AssertionError(f"the runner never went over {limit} bytes")
+
+
+@dataclass
+class Result:
+    seconds: float  # fault -> verified-dead group
+    returned: float  # fraction of the tree's USS back in available memory within 5 s
+    uss: int
+
+
+def measure(sampler: Sampler, fault_at: float) -> Result:
+    dead = sampler.wait_dead()
+    # The last sample while the tree still held (nearly) all of its memory: the runner may let
+    # some go while it dies, and other programs move available memory, so the closer the better.
+    held = [s for s in sampler.samples if s[0] >= fault_at - 1.0] or sampler.samples
+    top = max(uss for _, uss, _ in held)
+    _, uss, available = [s for s in held if s[1] >= 0.95 * top][-1]
+    after = 0
+    while time.monotonic() < dead + SETTLE_S:
+        after = max(after, psutil.virtual_memory().available)
+        time.sleep(SAMPLE_S)
+    return Result(dead - fault_at, (after - available) / uss if uss else 0.0, uss)
+
+
+def daemon(work: Path, name: str, **env: str) -> Daemon:
+    limits = {
+        "EXOD_LOAD_STALL_TIMEOUT": str(LOAD_STALL),
+        "EXOD_DECODE_STALL_TIMEOUT": str(DECODE_STALL),
+        "EXOD_KILL_GRACE": str(GRACE),
+    }
+    return Daemon.create(work / name, **{**limits, **env}).start()
+
+
+def load_stall(work: Path, model: Path, weights: int) -> Result:
+    d = daemon(work, "load-stall")
+    try:
+        d.exoctl_bg("run", str(model), PROMPT)
+        group = next_group(d)
+        sampler = Sampler(group).start()
+        # Mid-load: once a good part of the weights is in, so that there is memory to give back.
+        while not sampler.samples or sampler.samples[-1][1] < weights // 3:
+            time.sleep(SAMPLE_S)
+        at = time.monotonic()
+        group.kill(signal.SIGSTOP)
+        return measure(sampler, at)
+    finally:
+        d.cleanup()
+
+
+def decoding(d: Daemon, model: Path) -> tuple[Group, Sampler]:
+    """A runner of `model` in the middle of a long generation, and its sampler."""
+    group = ready_group(d, model)
+    client = d.exoctl_bg("run", str(model), PROMPT, "--max-tokens", "100000")
+    read_some(client)
+    sampler = Sampler(group).start()
+    time.sleep(0.3)  # a few samples of the tree at work
+    return group, sampler
+
+
+def decode_stall(work: Path, model: Path, weights: int) -> Result:
+    d = daemon(work, "decode-stall")
+    try:
+        group, sampler = decoding(d, model)
+        at = time.monotonic()
+        group.kill(signal.SIGSTOP)
+        return measure(sampler, at)
+    finally:
+        d.cleanup()
+
+
+def memory_limit(work: Path, model: Path, weights: int) -> Result:
+    d = daemon(work, "memory-limit", EXOD_MAX_RUNNER_MEMORY=f"{CAP_MIB}M")
+    try:
+        d.exoctl_bg("run", str(model), PROMPT, "--force")
+        sampler = Sampler(next_group(d)).start()
+        at = sampler.first_over(CAP_MIB * MIB)
+        return measure(sampler, at)
+    finally:
+        d.cleanup()
+
+
+def kill(work: Path, model: Path, weights: int) -> Result:
+    d = daemon(work, "kill")
+    try:
+        group, sampler = decoding(d, model)
+        at = time.monotonic()
+        d.ok("kill", group.runner_id)
+        return measure(sampler, at)
+    finally:
+        d.cleanup()
+
+
+def exod_sigkill(work: Path, model: Path, weights: int) -> Result:
+    d = daemon(work, "exod-sigkill")
+    try:
+        _, sampler = decoding(d, model)
+        at = time.monotonic()
+        d.stop(signal.SIGKILL)
+        return measure(sampler, at)
+    finally:
+        d.cleanup()
+
+
+KINDS: list[tuple[str, str, Callable[[Path, Path, int], Result]]] = [
+    ("load stall (SIGSTOP mid-load)", f"stall {LOAD_STALL:g} s", load_stall),
+    ("decode stall (SIGSTOP mid-decode)", f"stall {DECODE_STALL:g} s", decode_stall),
+    ("memory limit (first sample > cap)", "0 (sampled every 0.5 s)", memory_limit),
+    ("exoctl kill (mid-decode)", "0", kill),
+    ("SIGKILL of exod (mid-decode)", "0", exod_sigkill),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="one repeat of each fault")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--layers", type=int, default=6, help="model layers, about 60 MiB of weights each"
+    )
+    args = parser.parse_args()
+    repeats = 1 if args.quick else args.repeats
+
+    work = Path(tempfile.mkdtemp(prefix="exof"))
+    model = write_demo_model(
+        work / "model", hidden_size=1024, num_layers=args.layers, intermediate_size=4096
+    )
+    weights = (model / "model.safetensors").stat().st_size
+    print(
+        f"model: demo qwen2, hidden 1024, {args.layers} layers, {weights / MIB:.0f} MiB of "
+        f"weights; kill grace {GRACE:g} s, cap {CAP_MIB} MiB for the memory limit; "
+        f"median (max) of {repeats}"
+    )
+    print(
+        f"{'fault':<36} {'limit':>24} {'fault -> group dead':>20} {'beyond limit':>13} "
+        f"{'USS':>9} {'memory back':>12}"
+    )
+    for label, limit, run in KINDS:
+        results = [run(work, model, weights) for _ in range(repeats)]
+        seconds = [r.seconds for r in results]
+        timeout = LOAD_STALL if "load" in label else DECODE_STALL if "decode st" in label else 0.0
+        median = statistics.median(seconds)
+        print(
+            f"{label:<36} {limit:>24} {median:>8.2f} s ({max(seconds):5.2f}) "
+            f"{median - timeout:>+11.2f} s "
+            f"{statistics.median(r.uss for r in results) / MIB:>5.0f} MiB "
+            f"{statistics.median(r.returned for r in results):>11.0%}"
+        )
+
+
+if __name__ == "__main__":
+    main()
