@@ -47,7 +47,9 @@ class _Server(uvicorn.Server):
 class HttpServer:
     """The running server (or none, when EXOD_HTTP_PORT is 0): close it, then wait for it."""
 
-    def __init__(self, server: _Server | None = None, task: asyncio.Task[None] | None = None):
+    def __init__(
+        self, server: _Server | None = None, task: asyncio.Task[None] | None = None
+    ) -> None:
         self._server = server
         self._task = task
 

@@ -60,6 +60,9 @@ async def until_disconnected(receive: Receive, work: Coroutine[Any, Any, T]) -> 
     def on_disconnect(watcher: asyncio.Task[None]) -> None:
         if state["done"] or watcher.cancelled():
             return
+        # A receive that failed means the connection is broken: gone all the same.
+        if watcher.exception() is not None:
+            log.debug("receive failed", exc_info=watcher.exception())
         state["gone"] = True
         me.cancel()
 

@@ -278,7 +278,14 @@ def encode_prompt(req: runner_pb2.Generate, tokenizer: Any) -> tuple[str | list[
                 "into a prompt: send a plain prompt (a completion) instead",
             )
         conversation = [{"role": m.role, "content": m.content} for m in req.messages]
-        ids = list(tokenizer.apply_chat_template(conversation, add_generation_prompt=True))
+        try:
+            ids = list(tokenizer.apply_chat_template(conversation, add_generation_prompt=True))
+        except Exception as e:  # the template is the model's code: jinja raises what it likes
+            # Templates refuse conversations they cannot render ("roles must alternate").
+            raise ExoError(
+                "invalid_argument",
+                f"the model's chat template refused the conversation: {one_line(e)}",
+            ) from e
         return ids, len(ids)
     if not req.raw and tokenizer.has_chat_template:
         messages = [{"role": "user", "content": req.prompt}]

@@ -206,6 +206,23 @@ def test_sigkill_of_exod_mid_generation_leaves_neither_shim_nor_runner(
     assert client.wait(timeout=30) == 69
 
 
+def test_a_stopped_group_that_outlives_exod_is_ended_when_exod_starts_again(
+    exod: Daemon, qwen2: Path
+) -> None:
+    """The one case the lifeline cannot cover: every process of the group is stopped, so none
+    can act on exod's death (the kernel holds the shim's death signal until SIGCONT). The next
+    exod finds the group by pid and start time in its log and ends it before it serves."""
+    group = ready_group(exod, qwen2)
+    group.kill(signal.SIGSTOP)
+    exod.stop(signal.SIGKILL)
+    time.sleep(1.0)
+    assert group.members(), "the premise: a stopped group cannot end itself"
+    exod.start()
+    assert group.members() == []
+    (failed,) = of_kind(exod.events(), "RunnerFailed", runner_id=group.runner_id)
+    assert failed["reason"] == "interrupted"
+
+
 # --- a full disk ---------------------------------------------------------------------------------
 
 

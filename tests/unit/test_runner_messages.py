@@ -20,11 +20,14 @@ class FakeTokenizer:
     has_chat_template: bool = True
     bos_token: str | None = None
     templated: list[list[dict[str, str]]] = field(default_factory=list)
+    refuse: str = ""
 
     def apply_chat_template(
         self, messages: list[dict[str, str]], add_generation_prompt: bool
     ) -> list[int]:
         assert add_generation_prompt
+        if self.refuse:
+            raise ValueError(self.refuse)  # what a template's raise_exception() does, in effect
         self.templated.append(messages)
         return [1] * (10 + sum(len(m["content"]) for m in messages))
 
@@ -64,6 +67,14 @@ def test_a_conversation_without_a_template_is_an_invalid_argument() -> None:
         encode_prompt(chat(("user", "Hi")), FakeTokenizer(has_chat_template=False))
     assert err.value.reason == "invalid_argument"
     assert "chat template" in err.value.message
+
+
+def test_a_conversation_the_template_refuses_is_an_invalid_argument() -> None:
+    tok = FakeTokenizer(refuse="Conversation roles must alternate user/assistant")
+    with pytest.raises(ExoError) as err:
+        encode_prompt(chat(("assistant", "Hi"), ("assistant", "Hi")), tok)
+    assert err.value.reason == "invalid_argument"
+    assert "roles must alternate" in err.value.message
 
 
 def test_a_prompt_is_templated_unless_raw_as_before() -> None:
