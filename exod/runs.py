@@ -2,8 +2,8 @@
 
 The gRPC Control service and the OpenAI HTTP endpoint both go through here, so validation,
 limits, the queue and the log are the same for every client. A run's items are consumed with
-`async with aclosing(run.items())`: leaving early (a dropped client, a stop sequence) cancels the
-generation in the runner and logs the run as cancelled.
+`async with aclosing(run.items())`, with `run.close()` in a `finally`: leaving early (a dropped
+client, a stop sequence) cancels the generation in the runner and logs the run as cancelled.
 """
 
 from __future__ import annotations
@@ -74,10 +74,22 @@ class Run:
     queue_position: int
     job: Job
     runs: Runs
+    finished: bool = False
+
+    def close(self) -> None:
+        """Cancel the run unless it has ended; safe to call any number of times.
+
+        Callers call it in a `finally`: an items() generator that was never started does not run
+        its own `finally` when closed, so it cannot be the only guard.
+        """
+        if not self.finished:
+            # The consumer left (Ctrl-C, a dropped stream): stop the work it asked for.
+            self.finished = True
+            self.runs.supervisor.cancel(self.job)
+            self.runs.finish(self.id, "cancelled", "cancelled", None)
 
     async def items(self) -> AsyncGenerator[RunItem, None]:
         """Progress, text chunks, then RunDone; raises ExoError when the run fails."""
-        finished = False
         try:
             while True:
                 item = await self.job.out.get()
@@ -89,7 +101,7 @@ class Run:
                     if item.text:
                         yield control_pb2.TokenChunk(text=item.text)
                 elif isinstance(item, runner_pb2.Done):
-                    finished = True
+                    self.finished = True
                     self.runs.finish(self.id, item.stop_reason, "", item)
                     yield control_pb2.RunDone(
                         prompt_tokens=item.prompt_tokens,
@@ -100,14 +112,11 @@ class Run:
                     )
                     return
                 else:
-                    finished = True
+                    self.finished = True
                     self.runs.finish(self.id, "error", item.reason, None)
                     raise item
         finally:
-            if not finished:
-                # The consumer left (Ctrl-C, a dropped stream): stop the work it asked for.
-                self.runs.supervisor.cancel(self.job)
-                self.runs.finish(self.id, "cancelled", "cancelled", None)
+            self.close()
 
 
 class Runs:

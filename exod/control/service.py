@@ -76,8 +76,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
         started = control_pb2.RunStarted(
             run_id=run.id, runner_id=run.runner_id, queue_position=run.queue_position
         )
-        yield control_pb2.RunReply(started=started)
         try:
+            yield control_pb2.RunReply(started=started)
             async with aclosing(run.items()) as items:
                 async for item in items:
                     if isinstance(item, control_pb2.Progress):
@@ -88,6 +88,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
                         yield control_pb2.RunReply(done=item)
         except ExoError as e:
             await abort(context, e)
+        finally:
+            run.close()  # a client gone before the first item still cancels its run
 
     # --- Status, Kill -----------------------------------------------------------------------------
 

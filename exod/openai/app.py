@@ -93,15 +93,19 @@ class Api:
         run = await self._runs.start(parsed.request)
         reply = reply_for(parsed, run)
         if not parsed.stream:
-            text, done = await until_disconnected(request.receive, collect(run))
+            try:
+                text, done = await until_disconnected(request.receive, collect(run))
+            finally:
+                run.close()
             return JSONResponse(render.completion(reply, text, done))
         items = run.items()
         try:
             first = await until_disconnected(request.receive, first_output(items))
         except BaseException:
             await items.aclose()
+            run.close()
             raise
-        return EventStream(reply, first, items, parsed.include_usage)
+        return EventStream(reply, first, items, parsed.include_usage, close=run.close)
 
 
 async def read_json(request: Request, max_body: int) -> object:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -109,9 +109,16 @@ class EventStream(StreamingResponse):
     """Server-sent events of one run; the run's items are closed however the response ends."""
 
     def __init__(
-        self, reply: Reply, first: Output, items: AsyncGenerator[RunItem, None], usage: bool
+        self,
+        reply: Reply,
+        first: Output,
+        items: AsyncGenerator[RunItem, None],
+        usage: bool,
+        *,
+        close: Callable[[], None] = lambda: None,
     ) -> None:
         self._items = items
+        self._close = close  # Run.close: cancels the run if the items never ran to the end
         super().__init__(
             events(reply, first, items, usage=usage),
             media_type="text/event-stream",
@@ -125,6 +132,7 @@ class EventStream(StreamingResponse):
             # Starlette cancels the body when the client goes; a body never started (the
             # client went before the status line) would leave the run going without this.
             await self._items.aclose()
+            self._close()
 
 
 async def events(
