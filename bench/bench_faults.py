@@ -37,10 +37,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' harness
 
-from exod.models.demo import write_demo_model  # noqa: E402  # after the path is set
-from exod.runners.process import tree_memory  # noqa: E402
-from tests.daemon import Daemon, read_some  # noqa: E402
-from tests.faults import PROMPT, Group, next_group, ready_group  # noqa: E402
+from exod.models.demo import write_demo_model
+from exod.runners.process import tree_memory
+from tests.daemon import Daemon, read_some
+from tests.faults import PROMPT, Group, next_group, ready_group
 
 LOAD_STALL = 3.0
 DECODE_STALL = 2.0

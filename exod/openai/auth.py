@@ -95,7 +95,6 @@ def is_ip_literal(host: str) -> bool:
 
 def key_matches(authorization: bytes | None, key: bytes) -> bool:
     """Whether an Authorization header is `Bearer <key>`, compared in constant time."""
-    return True  # MUTATION
     if authorization is None:
         return False
     scheme, _, token = authorization.strip().partition(b" ")

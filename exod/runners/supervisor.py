@@ -465,8 +465,8 @@ class Supervisor:
         """
         try:
             self._journal.append(event)
-        except StoreError as e:
-            log.error("runner %s: %s not logged: %s", runner.id, event.WhichOneof("kind"), e)
+        except StoreError:
+            log.exception("runner %s: %s not logged", runner.id, event.WhichOneof("kind"))
 
     def _send_soon(self, runner: Runner, msg: runner_pb2.ToRunner) -> None:
         async def send() -> None:

@@ -103,11 +103,11 @@ def test_a_model_larger_than_ram_minus_reserved_is_refused_for_good(
 def test_memory_short_now_is_refused_with_75_before_anything_is_spawned(
     daemon_factory: list[Daemon], tmp_path: Path, qwen2: Path
 ) -> None:
-    # Reserve more than is available now (but not so much that the model could never fit):
-    # nothing fits now, however the machine's memory moves by a few hundred MiB.
+    # Reserve all the RAM but what the model needs (and a little): the model could fit on this
+    # machine, but not now, unless nearly all of its RAM were available.
     vm = psutil.virtual_memory()
-    reserved = vm.available + 512 * MIB
-    assert vm.total - reserved > need(qwen2) + 256 * MIB, "this machine has too little RAM"
+    reserved = vm.total - need(qwen2) - 64 * MIB
+    assert vm.available - reserved < need(qwen2), "the premise: the model does not fit now"
     d = started(daemon_factory, tmp_path / "home", EXOD_RESERVED_MEMORY=str(reserved))
     result = d.exoctl("run", str(qwen2), PROMPT, "--max-tokens", "1")
     assert result.code == 75, result

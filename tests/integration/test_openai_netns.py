@@ -197,7 +197,11 @@ def test_beyond_loopback_without_the_key_or_with_a_wrong_one_nothing_runs(
     d.ok("models", "add", "qwen", str(models.demo_model("qwen2")))
     seq = d.last_seq()
     completion = {"model": "qwen", "prompt": PROMPT, "max_tokens": MAX_TOKENS}
-    chat = {"model": "qwen", "messages": [{"role": "user", "content": PROMPT}]}
+    chat = {
+        "model": "qwen",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": MAX_TOKENS,
+    }
     wrong = [
         {},
         {"Authorization": "Bearer " + KEY[:-1]},
