@@ -140,7 +140,12 @@ async def serve(settings: Settings) -> None:
         runs = Runs(settings, journal, supervisor, secret)
         node = Node(id=node_id, secret=secret, started=time.time(), localnet=LocalNetwork())
         await serve_until_stopped(settings, node, runs, notifier)
-        journal.append(events_pb2.Event(node_stopped=events_pb2.NodeStopped(reason="signal")))
+        try:
+            journal.append(events_pb2.Event(node_stopped=events_pb2.NodeStopped(reason="signal")))
+        except StoreError as e:
+            # A full disk must not turn a clean stop into a crash; the next start sees no
+            # NodeStopped, which is exactly what it would see after a crash.
+            log.error("could not record NodeStopped: %s", e)
         log.info("stopped")
     finally:
         journal.store.close()

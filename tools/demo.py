@@ -9,6 +9,7 @@ stops exod again with SIGTERM, leaving nothing running.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -37,7 +38,7 @@ def main() -> int:
             ["status"],
         ]
         for args in steps:
-            print(f"\n$ exoctl {' '.join(args)}", file=sys.stderr, flush=True)
+            print(f"\n$ exoctl {shlex.join(args)}", file=sys.stderr, flush=True)
             code = subprocess.run(
                 [sys.executable, "-m", "exoctl", *args], env=env, check=False
             ).returncode

@@ -127,6 +127,9 @@ class ControlService(control_pb2_grpc.ControlServicer):
             info.last_error.reason = view.last_error.reason
             info.last_error.detail = view.last_error.detail
         live = self._supervisor.runners.get(view.id)
+        if live is None and view.state in ("spawning", "ready"):
+            # Its end could not be logged (a full disk): it is gone all the same.
+            info.state = "stopped"
         if live is not None:
             info.state = live.state
             info.queued = len(live.queue)

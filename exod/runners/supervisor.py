@@ -87,6 +87,7 @@ class Runner:
     load_error: ExoError | None = None
     last_used: float = field(default_factory=time.monotonic)
     spawned_at: float = field(default_factory=time.monotonic)
+    ready_at: float | None = None
     last_progress: float = field(default_factory=time.monotonic)
     decoding: bool = False  # the current generation has produced a token
     memory: int | None = None  # the tree's USS at the last sample
@@ -132,7 +133,9 @@ class Supervisor:
             if runner is None:
                 if need is not None:
                     await self._make_room(need)
-                runner = await self._spawn(model, model_path)
+                # Shielded: a client that leaves mid-spawn must not strand a started process
+                # that is not yet registered; the runner lives on and idles out if unused.
+                runner = await asyncio.shield(self._spawn(model, model_path))
         if len(runner.queue) >= self._settings.queue_depth:
             raise ExoError(
                 "queue_full",
@@ -252,12 +255,18 @@ class Supervisor:
         idle = runner.state == "ready" and runner.current is None and not runner.queue
         if idle and now - runner.last_used >= self._settings.idle_ttl:
             self.stop_soon(runner, "idle")
-        for job in [j for j in runner.queue if now - j.enqueued_at > self._settings.queue_timeout]:
+        if runner.ready_at is None:
+            return  # runs waiting for a load answer to the load limits, not the queue timeout
+        for job in [
+            j
+            for j in runner.queue
+            if now - _waiting_since(j, runner) > self._settings.queue_timeout
+        ]:
             runner.queue.remove(job)
             job.finish(
                 ExoError(
                     "queue_timeout",
-                    f"waited {now - job.enqueued_at:.0f}s for runner {runner.id} "
+                    f"waited {now - _waiting_since(job, runner):.0f}s for runner {runner.id} "
                     f"(EXOD_QUEUE_TIMEOUT={self._settings.queue_timeout:g}); retry later",
                 )
             )
@@ -353,7 +362,7 @@ class Supervisor:
             self._on_progress(runner, msg.progress)
         elif which == "ready":
             runner.state = "ready"
-            runner.last_used = time.monotonic()
+            runner.last_used = runner.ready_at = time.monotonic()
             runner.ready.set()
             ready = events_pb2.RunnerReady(runner_id=runner.id, load_s=time.monotonic() - started)
             self._record(runner, events_pb2.Event(runner_ready=ready))
@@ -475,6 +484,11 @@ class Supervisor:
 
         task = asyncio.create_task(send())
         runner.tasks.append(task)
+
+
+def _waiting_since(job: Job, runner: Runner) -> float:
+    """When a queued job started waiting for a busy runner (not for its load)."""
+    return max(job.enqueued_at, runner.ready_at or job.enqueued_at)
 
 
 def _stop_message(runner: Runner, reason: str) -> str:

@@ -151,6 +151,7 @@ def end_by(how: str, d: Daemon, group: Group) -> float:
         ("stall", DECODE_STALL + MARGIN, "decode_stall"),
         ("exod_sigkill", 2.0, ""),  # the lifeline, with nobody left to kill anything
     ],
+    ids=["kill", "stall", "exod_sigkill"],
 )
 def test_the_wrapper_child_shim_and_runner_all_go(
     daemon_factory: list[Daemon],

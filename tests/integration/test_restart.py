@@ -3,6 +3,7 @@ order, closes what died with the old one, and shows no ghost runner."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections import Counter
@@ -87,7 +88,9 @@ def test_sigkill_mid_run_is_closed_as_interrupted_at_restart(
     (runner,) = d.status()["runners"]
     assert runner["state"] == "running"
     pids = d.runner_pids()
-    assert pids == [runner["pid"]]
+    # The group leader (the shim, whose pid status shows) and the runner under it.
+    assert runner["pid"] in pids and len(pids) == 2
+    assert all(os.getpgid(pid) == runner["pid"] for pid in pids)
     old = d.events()
     (accepted,) = of_kind(old, "RunAccepted")
 

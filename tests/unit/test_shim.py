@@ -79,7 +79,9 @@ def test_the_runners_exit_status_is_the_shims(shims: list[Shim]) -> None:
     assert shim.proc.wait(timeout=10) == 3
 
 
-@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGSEGV, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name
+)
 def test_a_runner_killed_by_a_signal_kills_the_shim_with_it(
     shims: list[Shim], sig: signal.Signals
 ) -> None:
