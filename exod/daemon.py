@@ -30,6 +30,7 @@ from exod.journal import Journal
 from exod.openai import server as openai_server
 from exod.proto.exo.v1 import events_pb2
 from exod.runners import process
+from exod.runners.cgroup import MemoryCgroups
 from exod.runners.supervisor import Supervisor
 from exod.runs import Runs
 from exod.service.localnet import LocalNetwork
@@ -136,7 +137,7 @@ async def serve(settings: Settings) -> None:
     secret = bytes.fromhex(read_or_create(settings.home / "secret", secrets.token_hex(32)))
     journal = open_journal(settings, node_id)
     try:
-        supervisor = Supervisor(journal, settings)
+        supervisor = Supervisor(journal, settings, MemoryCgroups.setup())
         runs = Runs(settings, journal, supervisor, secret)
         node = Node(id=node_id, secret=secret, started=time.time(), localnet=LocalNetwork())
         await serve_until_stopped(settings, node, runs, notifier)

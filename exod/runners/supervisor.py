@@ -30,6 +30,7 @@ from exod.eventlog import StoreError
 from exod.journal import Journal
 from exod.proto.exo.v1 import events_pb2, runner_pb2
 from exod.runners import admission, pipe, process
+from exod.runners.cgroup import MemoryCgroups
 from exod.runners.command import runner_command, runner_env
 from exod.runners.limits import Limits, Watch, verdict
 
@@ -92,6 +93,7 @@ class Runner:
     decoding: bool = False  # the current generation has produced a token
     memory: int | None = None  # the tree's USS at the last sample
     lifeline: int = -1  # our write end; closing it (or dying) tells the shim to end the group
+    cgroup: Path | None = None  # its cgroup v2 with memory.max, where the kernel offers one
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -100,9 +102,12 @@ class Runner:
 
 
 class Supervisor:
-    def __init__(self, journal: Journal, settings: Settings) -> None:
+    def __init__(
+        self, journal: Journal, settings: Settings, cgroups: MemoryCgroups | None = None
+    ) -> None:
         self._journal = journal
         self._settings = settings
+        self._cgroups = cgroups or MemoryCgroups(None)
         self.runners: dict[str, Runner] = {}
         self._logs = settings.home / "runners"
         # Held from looking for a model's runner until a new one is registered: without it, runs
@@ -309,6 +314,10 @@ class Supervisor:
             reader, writer = await asyncio.open_unix_connection(sock=ours.dup())
         runner = Runner(runner_id, model, model_path, proc, reader, writer, log_path)
         runner.lifeline = lifeline_write
+        if self._cgroups.base is not None:
+            members = [proc.pid, *process.group_members(proc.pid)]
+            cap = self._settings.max_runner_memory
+            runner.cgroup = self._cgroups.limit(runner_id, members, cap)
         spawned = events_pb2.RunnerSpawned(
             runner_id=runner_id,
             model=model,
@@ -431,6 +440,13 @@ class Supervisor:
                 task.cancel()
         runner.writer.close()
         os.close(runner.lifeline)
+        if self._cgroups.oom_killed(runner.cgroup) and runner.ending is None:
+            runner.ending = "memory_limit"
+            runner.ending_detail = (
+                "the kernel ended it at the cap of "
+                f"{self._settings.max_runner_memory >> 20} MiB (EXOD_MAX_RUNNER_MEMORY, memory.max)"
+            )
+        self._cgroups.remove(runner.cgroup)
         failure = self._record_end(runner, status)
         for job in [*([runner.current] if runner.current else []), *runner.queue]:
             job.finish(failure)

@@ -56,6 +56,8 @@ def unit(command: Sequence[str], environment: Mapping[str, str]) -> str:
         # service's processes after TimeoutStopSec gets SIGKILL.
         "KillMode=mixed",
         f"TimeoutStopSec={STOP_TIMEOUT_S}",
+        # Hands exod its own cgroup subtree, so each runner gets a kernel memory.max at the cap.
+        "Delegate=memory",
         "",
         "[Install]",
         "WantedBy=default.target",
