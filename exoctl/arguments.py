@@ -14,8 +14,9 @@ from pathlib import Path
 from exoctl.failures import Failure, one_line
 from exod.config import default_home
 from exod.errors import Exit
+from exod.models import MODEL_NAME_PATTERN
 
-NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
+NAME_PATTERN = MODEL_NAME_PATTERN
 _NAME = re.compile(NAME_PATTERN)
 _HF = re.compile(r"hf:[^/\s]+/[^/\s]+")
 

@@ -139,7 +139,7 @@ async def serve(settings: Settings) -> None:
     try:
         supervisor = Supervisor(journal, settings, MemoryCgroups.setup())
         runs = Runs(settings, journal, supervisor, secret)
-        node = Node(id=node_id, secret=secret, started=time.time(), localnet=LocalNetwork())
+        node = Node(id=node_id, started=time.time(), localnet=LocalNetwork())
         await serve_until_stopped(settings, node, runs, notifier)
         try:
             journal.append(events_pb2.Event(node_stopped=events_pb2.NodeStopped(reason="signal")))

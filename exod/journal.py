@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from exod.eventlog import EventStore, Record, State, apply, maybe_snapshot
+from exod.eventlog import EventStore, Record, State, apply, maybe_snapshot, snapshot_seq
 from exod.proto.exo.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -21,6 +21,8 @@ class Journal:
         self.store = store
         self.state = state
         self._snapshot_every = snapshot_every
+        # Kept here so that an append does not read the last snapshot back to decide.
+        self._snapshot_seq = snapshot_seq(store)
         # Replaced on every append; followers wait on the one that was current when they looked.
         self._changed = asyncio.Event()
 
@@ -30,7 +32,10 @@ class Journal:
         self.state = apply(self.state, record)
         log.debug("event %d %s", record.seq, record.kind)
         try:
-            maybe_snapshot(self.store, self.state, self._snapshot_every)
+            if maybe_snapshot(
+                self.store, self.state, self._snapshot_every, since=self._snapshot_seq
+            ):
+                self._snapshot_seq = self.state.last_seq
         except Exception:
             # A snapshot is an optimisation: the log holds the truth, so failing to save one
             # (a full disk, say) must not fail the event that was just written.

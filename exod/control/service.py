@@ -23,6 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from exod import API_VERSION, __version__
 from exod.errors import REASON_KEY, ExoError
 from exod.eventlog import Record, RunnerView, StoreError
+from exod.models import MODEL_NAME_PATTERN
 from exod.models.demo import write_demo_model
 from exod.models.inspect import content_hash, inspect_model
 from exod.proto.exo.v1 import control_pb2, control_pb2_grpc, events_pb2
@@ -33,14 +34,13 @@ from exod.service.localnet import LocalNetwork
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 EVENTS_BATCH = 500
 
 
 @dataclass(frozen=True)
 class Node:
     id: str
-    secret: bytes
     started: float
     localnet: LocalNetwork
 

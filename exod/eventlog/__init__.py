@@ -16,7 +16,7 @@ from exod.eventlog.fold import (
     fold,
 )
 from exod.eventlog.records import Record, kind_of
-from exod.eventlog.replay import maybe_snapshot, replay
+from exod.eventlog.replay import maybe_snapshot, replay, snapshot_seq
 from exod.eventlog.store import EventStore, StoreError
 
 __all__ = [
@@ -39,4 +39,5 @@ __all__ = [
     "kind_of",
     "maybe_snapshot",
     "replay",
+    "snapshot_seq",
 ]

@@ -21,10 +21,20 @@ def replay(store: EventStore) -> State:
     return state
 
 
-def maybe_snapshot(store: EventStore, state: State, every: int) -> bool:
-    """Save a snapshot when at least `every` records were folded since the last one."""
+def snapshot_seq(store: EventStore) -> int:
+    """The seq of the newest snapshot of this fold version; 0 when there is none."""
     snapshot = store.load_snapshot(FOLD_VERSION)
-    since = 0 if snapshot is None else snapshot[0]
+    return 0 if snapshot is None else snapshot[0]
+
+
+def maybe_snapshot(store: EventStore, state: State, every: int, since: int | None = None) -> bool:
+    """Save a snapshot when at least `every` records were folded since the last one.
+
+    `since` is the seq of the newest snapshot when the caller keeps track of it, which spares a
+    read of the snapshot on every call; None reads it from the store.
+    """
+    if since is None:
+        since = snapshot_seq(store)
     if state.last_seq - since < every:
         return False
     store.save_snapshot(state.last_seq, FOLD_VERSION, encode(state))

@@ -48,14 +48,7 @@ async def end_group(pgid: int, grace: float, *, poll: float = 0.05) -> list[int]
         if not await asyncio.to_thread(group_members, pgid):
             return []
         await asyncio.sleep(poll)
-    signal_group(pgid, signal.SIGKILL)
-    deadline = time.monotonic() + 2.0
-    while True:
-        survivors = await asyncio.to_thread(group_members, pgid)
-        if not survivors or time.monotonic() > deadline:
-            return survivors
-        signal_group(pgid, signal.SIGKILL)
-        await asyncio.sleep(poll)
+    return await asyncio.to_thread(kill_group_now, pgid)
 
 
 def kill_group_now(pgid: int) -> list[int]:

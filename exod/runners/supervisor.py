@@ -58,8 +58,6 @@ class Job:
     request: runner_pb2.Generate
     out: asyncio.Queue[JobItem] = field(default_factory=asyncio.Queue)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
-    started: bool = False
-    cancelled: bool = False
     enqueued_at: float = field(default_factory=time.monotonic)
 
     def finish(self, item: runner_pb2.Done | ExoError) -> None:
@@ -175,7 +173,6 @@ class Supervisor:
         """Stop a job wherever it is: drop it from its queue, or tell its runner to stop."""
         if job.finished.is_set():
             return
-        job.cancelled = True
         for runner in self.runners.values():
             if job in runner.queue:
                 runner.queue.remove(job)
@@ -418,7 +415,6 @@ class Supervisor:
             runner.state = "running"
             runner.decoding = False
             runner.last_progress = time.monotonic()
-            job.started = True
             await pipe.write_message(runner.writer, runner_pb2.ToRunner(generate=job.request))
             await job.finished.wait()
             runner.current = None

@@ -20,6 +20,7 @@ from exod.eventlog import (
     fold,
     maybe_snapshot,
     replay,
+    snapshot_seq,
 )
 from exod.proto.exo.v1 import events_pb2 as pb
 
@@ -167,6 +168,16 @@ def test_a_snapshot_is_saved_once_every_n_records(store: CountingStore) -> None:
     snapshot = store.load_snapshot(FOLD_VERSION)
     assert snapshot is not None
     assert snapshot[0] == 20
+
+
+def test_a_caller_that_tracks_the_last_snapshot_decides_from_it(store: CountingStore) -> None:
+    write(store, 2)  # 10 records, no snapshot yet
+    state = replay(store)
+    # Told that a snapshot exists at seq 5, five more records are not enough to save another.
+    assert not maybe_snapshot(store, state, every=10, since=5)
+    assert store.load_snapshot(FOLD_VERSION) is None
+    assert maybe_snapshot(store, state, every=10, since=0)
+    assert snapshot_seq(store) == 10
 
 
 def test_snapshots_of_another_fold_version_do_not_delay_the_next_one(
