@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from exoctl.cli import cli
+# First, so that a Ctrl-C during the imports below already ends exoctl with one line and 130.
+from exoctl import interrupt
+
+interrupt.install()
+
+from exoctl.cli import cli  # noqa: E402  # imported after the SIGINT handler is in place
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ connection attempt and without a daemon that could be slow, down, or ask a hub.
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,16 +22,30 @@ _NAME = re.compile(NAME_PATTERN)
 _HF = re.compile(r"hf:[^/\s]+/[^/\s]+")
 
 
+def _lowercase(text: str) -> str | None:
+    """The name that `text` would be without its capitals, when that is a valid name."""
+    lower = text.lower()
+    return lower if lower != text and _NAME.fullmatch(lower) else None
+
+
+def _not_a_name(text: str) -> Failure:
+    lower = _lowercase(text)
+    if lower is not None:
+        what = f"model names are lowercase, and {text!r} is not"
+        return Failure(Exit.USAGE, one_line(what, f"did you mean {lower!r}?"))
+    return Failure(
+        Exit.USAGE,
+        one_line(
+            f"{text!r} is not a valid model name",
+            f"use 1 to 64 of a-z 0-9 . _ - starting with a letter or digit ({NAME_PATTERN})",
+        ),
+    )
+
+
 def check_name(name: str) -> str:
     """A model name as the registry accepts it, or Failure 64."""
     if not _NAME.fullmatch(name):
-        raise Failure(
-            Exit.USAGE,
-            one_line(
-                f"{name!r} is not a valid model name",
-                f"use 1 to 64 of a-z 0-9 . _ - starting with a letter or digit ({NAME_PATTERN})",
-            ),
-        )
+        raise _not_a_name(name)
     return name
 
 
@@ -70,15 +85,47 @@ def resolve_model(text: str) -> str:
         return text
     if looks_like_path(text):
         return str(model_dir(text))
-    if not _NAME.fullmatch(text):
+    if _NAME.fullmatch(text):
+        return text
+    if Path(text).is_dir():
+        # Most likely the directory was meant: say how to write it.
+        lowercase = " (names are lowercase)" if _lowercase(text) else ""
         raise Failure(
             Exit.USAGE,
             one_line(
-                f"{text!r} is neither a model name, a directory nor hf:ORG/NAME",
-                "list the names with `exoctl models list`",
+                f"{text!r} is not a model name{lowercase}, but a directory of that name is here",
+                f"to run the directory, write `exoctl run {_as_path(text)}`",
             ),
         )
-    return text
+    if _lowercase(text):
+        raise _not_a_name(text)
+    raise Failure(
+        Exit.USAGE,
+        one_line(
+            f"{text!r} is neither a model name, a directory nor hf:ORG/NAME",
+            "list the names with `exoctl models list`",
+        ),
+    )
+
+
+def _as_path(text: str) -> str:
+    """`./text`, quoted for a shell where it needs to be."""
+    return shlex.quote(f"./{text}")
+
+
+def explain_unknown_name(failure: Failure, text: str) -> Failure:
+    """exod found no model named `text` while a directory of that name is here: say how to run
+    the directory, since a bare word never means one (resolve_model)."""
+    if failure.reason != "model_not_found" or not _NAME.fullmatch(text) or not Path(text).is_dir():
+        return failure
+    return Failure(
+        failure.code,
+        one_line(
+            f"model {text!r} not found (a bare word is a registered name, never a directory)",
+            f"to run the directory {text} here, write `exoctl run {_as_path(text)}`",
+        ),
+        failure.reason,
+    )
 
 
 def decode_prompt(data: bytes, source: str) -> str:

@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from pathlib import Path
 
 import click
 import grpc
 
-from exoctl import render
-from exoctl.arguments import check_prompt_text, decode_prompt, resolve_model
+from exoctl import interrupt, render
+from exoctl.arguments import (
+    check_prompt_text,
+    decode_prompt,
+    explain_unknown_name,
+    resolve_model,
+)
 from exoctl.client import Client, cancel
 from exoctl.failures import Failure
 from exoctl.group import ExoctlGroup
+from exoctl.interrupt import Ending
 from exoctl.models import models_group
 from exoctl.options import connect, json_option, socket_option
 from exoctl.run import RunOutput, generate
@@ -43,7 +50,7 @@ def cli() -> None:
       exoctl models demo               write and register a tiny demo model
       exoctl run demo "Hello"          generate; tokens stream to stdout
       echo "Hello" | exoctl run demo   the prompt from stdin, byte for byte
-      exoctl status                    what runs, how big, why it failed
+      exoctl status --all              what runs, how big; why runners ended
       exoctl events --follow --json    the event log, live, one JSON object a line
       exoctl kill --all                stop every runner
 
@@ -148,16 +155,17 @@ def run_command(
         with connect(socket) as client:
             generate(client, request, out)
     except Failure as f:
-        out.failed(f)
-        raise
+        failure = explain_unknown_name(f, model)
+        out.failed(failure)
+        raise failure from None
 
 
 # --- status and kill ----------------------------------------------------------------------------
 
 
-def fetch_status(client: Client) -> control_pb2.StatusReply:
+def fetch_status(client: Client, wait: float = 0.0) -> control_pb2.StatusReply:
     """Status, with the one check that exod and exoctl speak the same API version."""
-    reply = client.status()
+    reply = client.status(wait)
     warning = render.api_version_warning(reply)
     if warning:
         say(warning)
@@ -165,22 +173,40 @@ def fetch_status(client: Client) -> control_pb2.StatusReply:
 
 
 @cli.command("status")
+@click.option(
+    "--all",
+    "show_all",
+    is_flag=True,
+    help="Also list the runners that ended (the most recent ones), with when and why.",
+)
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0, max=3600),
+    default=0,
+    metavar="SECONDS",
+    help="Wait up to SECONDS for exod to answer, as after starting it; 69 if it does not.",
+)
 @json_option
 @socket_option
-def status_command(*, as_json: bool, socket: Path | None) -> None:
-    """Show exod and its runners: model, state, pid, memory, last error.
+def status_command(*, show_all: bool, wait: float, as_json: bool, socket: Path | None) -> None:
+    """Show exod and its runners: model, state, pid, memory; with --all also the runners that
+    ended, and why (idle, killed, or the reason it failed).
+
+    --json always lists every runner exod reports, live and ended: select them by state.
 
     \b
     Examples:
       exoctl status
+      exoctl status --all
+      exod 2>exod.log & exoctl status --wait 30 >/dev/null   # start exod, wait until it serves
       exoctl status --json | jq '.runners[] | select(.state=="failed")'
     """
     with connect(socket) as client:
-        reply = fetch_status(client)
+        reply = fetch_status(client, wait)
     if as_json:
         print_json(render.status_json(reply))
     else:
-        print_lines(render.status_lines(reply))
+        print_lines(render.status_lines(reply, show_all=show_all, now=time.time()))
 
 
 @cli.command("kill", short_help="Stop a runner, or all of them.")
@@ -249,7 +275,9 @@ def events_command(
       exoctl events --follow
     """
     request = control_pb2.EventsRequest(since=since, follow=follow, limit=limit)
-    with connect(socket) as client:
+    # Ctrl-C is how --follow ends, so there it is success; a listing cut short is interrupted.
+    on_ctrl_c = Ending(code=0, message=None) if follow else Ending()
+    with connect(socket) as client, interrupt.ending(on_ctrl_c):
         call = client.events(request)
         received = False
         try:
@@ -259,12 +287,6 @@ def events_command(
                 click.echo(line if line is not None else render.event_line(record))
                 if follow:
                     sys.stdout.flush()  # a reader such as grep wants each event as it happens
-        except KeyboardInterrupt:
-            cancel(call)
-            if not follow:
-                raise
-            if sys.stderr.isatty():
-                click.echo(err=True)  # end the line that the terminal's ^C started
         except BrokenPipeError:
             cancel(call)
             raise

@@ -49,6 +49,11 @@ class Client:
             options=[
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                # `status --wait` polls a socket that is not there yet: retry often, not after
+                # gRPC's default backoff of a second and more.
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 250),
             ],
         )
         self._stub = control_pb2_grpc.ControlStub(self._channel)
@@ -75,8 +80,25 @@ class Client:
         except grpc.RpcError as e:
             raise self.failure(e) from None
 
-    def status(self) -> control_pb2.StatusReply:
-        return self._unary(self._stub.Status, control_pb2.StatusRequest())
+    def status(self, wait: float = 0.0) -> control_pb2.StatusReply:
+        """exod's status; with `wait`, first wait up to that many seconds for exod to answer
+        (a script that has just started it)."""
+        if wait <= 0:
+            return self._unary(self._stub.Status, control_pb2.StatusRequest())
+        try:
+            return self._stub.Status(
+                control_pb2.StatusRequest(), timeout=wait, metadata=METADATA, wait_for_ready=True
+            )
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise self.failure(e) from None
+            raise Failure(
+                Exit.UNAVAILABLE,
+                one_line(
+                    f"exod did not answer within {wait:g}s on {self.socket}",
+                    "is it running? its log says why it did not start",
+                ),
+            ) from None
 
     def kill(self, runner_id: str | None) -> control_pb2.KillReply:
         """Kill one runner, or all of them when runner_id is None."""

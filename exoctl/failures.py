@@ -56,9 +56,14 @@ def hint(code: Exit, reason: str | None, socket: str) -> str:
 
 
 def one_line(what: str, advice: str) -> str:
-    """`<what happened>. <what to do>` on a single line, whatever the inputs hold."""
+    """`<what happened>. <what to do>` on a single line, whatever the inputs hold.
+
+    A `what` that already ends a sentence with ? or ! (click's "Did you mean 'status'?") keeps
+    its mark instead of gaining a period after it.
+    """
     what = " ".join(what.split()).rstrip(".")
-    return f"{what}. {advice}" if advice else f"{what}."
+    end = "" if what.endswith(("?", "!")) else "."
+    return f"{what}{end} {advice}" if advice else f"{what}{end}"
 
 
 def reason_of(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:

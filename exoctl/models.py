@@ -9,6 +9,7 @@ import click
 from exoctl import render
 from exoctl.arguments import check_name, model_dir
 from exoctl.failures import Failure, one_line
+from exoctl.group import Group
 from exoctl.options import connect, json_option, socket_option
 from exoctl.terminal import print_json, print_lines
 from exod.errors import Exit
@@ -25,7 +26,7 @@ def _registered(reply: control_pb2.ModelsReply, name: str) -> control_pb2.ModelI
     )
 
 
-@click.group("models")
+@click.group("models", cls=Group)
 def models_group() -> None:
     """List, add and remove the models that `exoctl run` knows by name.
 
@@ -54,16 +55,23 @@ def models_list(*, as_json: bool, socket: Path | None) -> None:
 @models_group.command("add")
 @click.argument("name")
 @click.argument("directory", metavar="DIR")
+@click.option("--force", is_flag=True, help="Replace NAME if it names another directory.")
 @json_option
 @socket_option
-def models_add(*, name: str, directory: str, as_json: bool, socket: Path | None) -> None:
+def models_add(
+    *, name: str, directory: str, force: bool, as_json: bool, socket: Path | None
+) -> None:
     """Register the model in DIR as NAME.
 
     Then `exoctl run NAME` runs it. NAME is 1 to 64 of a-z 0-9 . _ -, starting with a letter or
-    digit. DIR must exist; it is recorded as an absolute path.
+    digit. DIR must exist; it is recorded as an absolute path. A NAME already registered to
+    another directory is refused (64) unless --force.
     """
     request = control_pb2.ModelsRequest(
-        action=control_pb2.ModelsRequest.ADD, name=check_name(name), path=str(model_dir(directory))
+        action=control_pb2.ModelsRequest.ADD,
+        name=check_name(name),
+        path=str(model_dir(directory)),
+        force=force,
     )
     with connect(socket) as client:
         model = _registered(client.models(request), name)
@@ -92,9 +100,10 @@ def models_rm(*, name: str, as_json: bool, socket: Path | None) -> None:
 
 @models_group.command("demo")
 @click.option("--name", default="demo", show_default=True, help="Register it under this name.")
+@click.option("--force", is_flag=True, help="Replace NAME if it names another model.")
 @json_option
 @socket_option
-def models_demo(*, name: str, as_json: bool, socket: Path | None) -> None:
+def models_demo(*, name: str, force: bool, as_json: bool, socket: Path | None) -> None:
     """Have exod write a tiny model with random weights and register it.
 
     It loads in a moment and runs anywhere, to try exod out; being random, it writes gibberish.
@@ -104,7 +113,7 @@ def models_demo(*, name: str, as_json: bool, socket: Path | None) -> None:
       exoctl models demo && exoctl run demo "Hello"
     """
     request = control_pb2.ModelsRequest(
-        action=control_pb2.ModelsRequest.DEMO, name=check_name(name)
+        action=control_pb2.ModelsRequest.DEMO, name=check_name(name), force=force
     )
     with connect(socket) as client:
         model = _registered(client.models(request), name)

@@ -7,6 +7,7 @@ plain forms are for people; the --json forms are the stable contract for scripts
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +17,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from exod import API_VERSION
+from exod.errors import REASONS
 from exod.proto.exo.v1 import control_pb2
 
 # Columns are cut here so that one long error does not push a table off the screen; --json has
@@ -80,6 +82,24 @@ def rfc3339(ts: Timestamp) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{ts.nanos // 1000:06d}Z"
 
 
+def utc_time(seconds: float) -> str:
+    """A Unix time as people read it: UTC to the millisecond, e.g. 2026-11-27T03:14:44.123Z."""
+    whole, millis = divmod(round(seconds * 1000), 1000)
+    moment = datetime.fromtimestamp(whole, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{millis:03d}Z"
+
+
+def plain_number(value: float) -> str:
+    """Four significant digits and never an exponent: 2.001, 0.02827, 797.5, 12346."""
+    if not math.isfinite(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    decimals = max(0, 3 - math.floor(math.log10(abs(value))))
+    text = f"{value:.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 # --- status -------------------------------------------------------------------------------------
 
 
@@ -99,33 +119,79 @@ def _last_error(runner: control_pb2.RunnerInfo) -> dict[str, str] | None:
     return {"reason": runner.last_error.reason, "detail": runner.last_error.detail}
 
 
-def status_lines(reply: control_pb2.StatusReply) -> list[str]:
-    """A header about the daemon, then one row per runner."""
+ENDED_STATES = frozenset({"stopped", "failed"})
+
+# What each reason for stopping a runner means, for people; failures carry their own detail.
+_STOPPED_BECAUSE = {
+    "idle": "unused for EXOD_IDLE_TTL",
+    "killed": "by `exoctl kill`",
+    "evicted": "to make room for another model",
+    "daemon_stopped": "exod stopped",
+}
+
+
+def has_ended(runner: control_pb2.RunnerInfo) -> bool:
+    return runner.state in ENDED_STATES
+
+
+def why_ended(runner: control_pb2.RunnerInfo) -> str:
+    """`reason: what it means` for an ended runner; "" for a live one, or an end not logged."""
+    if not has_ended(runner):
+        return ""
+    error = _last_error(runner)
+    reason = error["reason"] if error else runner.end_reason
+    if not reason:
+        return ""
+    known = REASONS.get(reason)
+    meaning = (
+        (error["detail"] if error else "")
+        or _STOPPED_BECAUSE.get(reason, "")
+        or (known.summary if known else "")
+    )
+    return f"{reason}: {meaning}" if meaning else reason
+
+
+def _runner_row(r: control_pb2.RunnerInfo, now: float, *, with_end: bool) -> list[str]:
+    row = [
+        r.id,
+        cut(r.model, 40),
+        r.state,
+        str(r.pid) if r.pid and not has_ended(r) else "-",  # an ended runner's pid is nobody's
+        human_bytes(r.memory_bytes),
+    ]
+    if with_end:
+        ended = r.ended_at.ToNanoseconds() / 1e9 if r.HasField("ended_at") else None
+        row.append("-" if ended is None else f"{human_duration(now - ended)} ago")
+        row.append(cut(why_ended(r)) or "-")
+    return row
+
+
+def status_lines(reply: control_pb2.StatusReply, *, show_all: bool, now: float) -> list[str]:
+    """A header about the daemon, then one row per live runner; with `show_all` the ended ones
+    too, with when and why they ended. `now` (Unix time) dates the ends."""
     header = (
         f"exod {reply.version} (api {reply.api_version})  node {reply.node_id}  pid {reply.pid}  "
         f"up {human_duration(reply.uptime_s)}  home {reply.home}"
     )
-    warnings = [f"warning: {w.code}: {w.message}" for w in reply.warnings]
-    if not reply.runners:
-        return [header, *warnings, "no runners"]
-    rows = []
-    for r in reply.runners:
-        error = _last_error(r)
-        rows.append(
-            [
-                r.id,
-                cut(r.model, 40),
-                r.state,
-                str(r.pid) if r.pid else "-",
-                human_bytes(r.memory_bytes),
-                cut(f"{error['reason']}: {error['detail']}".rstrip(": ")) if error else "-",
-            ]
+    lines = [header, *(f"warning: {w.code}: {w.message}" for w in reply.warnings)]
+    shown = [r for r in reply.runners if show_all or not has_ended(r)]
+    hidden = len(reply.runners) - len(shown)
+    if shown:
+        headers = ["ID", "MODEL", "STATE", "PID", "MEMORY"]
+        headers += ["ENDED", "WHY"] if show_all else []
+        lines += table(headers, [_runner_row(r, now, with_end=show_all) for r in shown])
+    else:
+        lines.append("no runners running" if hidden else "no runners")
+    if hidden:
+        runners, they = ("runner", "it") if hidden == 1 else ("runners", "they")
+        lines.append(
+            f"{hidden} ended {runners} not shown; `exoctl status --all` shows why {they} ended"
         )
-    runners = table(["ID", "MODEL", "STATE", "PID", "MEMORY", "LAST ERROR"], rows)
-    return [header, *warnings, *runners]
+    return lines
 
 
 def status_json(reply: control_pb2.StatusReply) -> dict[str, Any]:
+    """Every runner that exod reports, live and ended alike: scripts tell them apart by state."""
     return {
         "version": reply.version,
         "api_version": reply.api_version,
@@ -146,6 +212,8 @@ def status_json(reply: control_pb2.StatusReply) -> dict[str, Any]:
                 "queued": r.queued,
                 "idle_s": r.idle_s,
                 "model_path": r.model_path,
+                "end_reason": r.end_reason or None,
+                "ended_at": rfc3339(r.ended_at) if r.HasField("ended_at") else None,
             }
             for r in reply.runners
         ],
@@ -211,6 +279,12 @@ def event_json(record: control_pb2.EventRecord) -> dict[str, Any]:
     return envelope | {k: v for k, v in payload.items() if k not in envelope}
 
 
+def is_time_field(name: str) -> bool:
+    """Payload fields named *_time or *_at hold a Unix time (RunnerSpawned.start_time); the
+    other numbers are counts, durations (*_s) and rates."""
+    return name.endswith(("_time", "_at"))
+
+
 def _plain_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -220,17 +294,24 @@ def _plain_value(value: Any) -> str:
             return json.dumps(value, ensure_ascii=False)
         return value
     if isinstance(value, float):
-        return f"{value:.4g}"  # people read 2.001, not 2.0011227029999645; --json keeps all
+        return plain_number(value)  # people read 2.001, not 2.0011227029999645; --json keeps all
     if isinstance(value, int):
         return str(value)
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+def _plain_field(key: str, value: Any) -> str:
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    return utc_time(value) if is_number and is_time_field(key) else _plain_value(value)
+
+
 def event_line(record: control_pb2.EventRecord) -> str:
-    """`SEQ  TS  KIND  key=value ...`, fields left at their default omitted."""
+    """`SEQ  TIME  KIND  key=value ...`: times in UTC to the millisecond, fields left at their
+    default omitted."""
     payload = event_payload(record, with_defaults=False)
-    fields = " ".join(f"{k}={_plain_value(v)}" for k, v in payload.items())
-    return f"{record.seq}  {rfc3339(record.ts)}  {event_kind(record)}  {fields}".rstrip()
+    fields = " ".join(f"{k}={_plain_field(k, v)}" for k, v in payload.items())
+    when = utc_time(record.ts.ToNanoseconds() / 1e9)
+    return f"{record.seq}  {when}  {event_kind(record)}  {fields}".rstrip()
 
 
 # --- run ----------------------------------------------------------------------------------------

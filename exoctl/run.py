@@ -11,9 +11,10 @@ from typing import BinaryIO
 
 import grpc
 
-from exoctl import render
+from exoctl import interrupt, render
 from exoctl.client import Client, cancel
 from exoctl.failures import Failure, hint, one_line
+from exoctl.interrupt import Ending
 from exoctl.terminal import StatusLine
 from exod.errors import Exit
 from exod.proto.exo.v1 import control_pb2
@@ -62,42 +63,52 @@ class RunOutput:
         # A kind of reply from a newer exod is skipped: it cannot change what we print.
         return False
 
+    def ending(self, failure: Failure) -> bytes:
+        """What stdout still needs when the run ends with `failure`."""
+        if self._json:
+            obj = render.error_json(failure.reason, failure.message, int(failure.code))
+            return (render.json_line(obj) + "\n").encode()
+        # The shell's prompt should not start after half a sentence.
+        return b"\n" if self._mid_line else b""
+
     def failed(self, failure: Failure) -> None:
         """End the output for a run that failed (the one stderr line is printed by the CLI)."""
         self._status.clear()
         try:
-            if self._json:
-                self._line(render.error_json(failure.reason, failure.message, int(failure.code)))
-            elif self._mid_line:
-                self._write("\n")  # the shell's prompt should not start after half a sentence
+            self._stdout.write(self.ending(failure))
+            self._stdout.flush()
         except BrokenPipeError:
             pass  # nobody reads stdout any more; the exit code still says what happened
+
+
+# How a run ends on Ctrl-C: exod sees the connection close and cancels it (exoctl/interrupt.py).
+CANCELLED = Failure(
+    Exit.INTERRUPTED, "interrupted; the generation was cancelled.", reason="cancelled"
+)
 
 
 def generate(client: Client, request: control_pb2.RunRequest, out: RunOutput) -> None:
     """Run one generation to its end; raise Failure unless it finished.
 
-    Ctrl-C cancels the call, which cancels the generation in exod, and fails with 130. A closed
-    stdout cancels the call too, then lets BrokenPipeError through for the quiet exit 0.
+    Ctrl-C ends exoctl at once with 130, and closing the connection cancels the generation in
+    exod. A closed stdout cancels the call, then lets BrokenPipeError through for the quiet
+    exit 0.
     """
-    call = client.run(request)
+    on_ctrl_c = Ending(message=CANCELLED.message, stdout=lambda: out.ending(CANCELLED))
     received = False
     done = False
-    try:
-        for reply in call:
-            received = True
-            done = out.reply(reply) or done
-    except KeyboardInterrupt:
-        cancel(call)
-        raise Failure(
-            Exit.INTERRUPTED, "interrupted; the generation was cancelled.", reason="cancelled"
-        ) from None
-    except BrokenPipeError:
-        cancel(call)
-        raise
-    except grpc.RpcError as e:
-        if not done:  # after `done` the output is complete; a late error changes nothing
-            raise client.failure(e, mid_stream=received) from None
+    with interrupt.ending(on_ctrl_c):
+        call = client.run(request)
+        try:
+            for reply in call:
+                received = True
+                done = out.reply(reply) or done
+        except BrokenPipeError:
+            cancel(call)
+            raise
+        except grpc.RpcError as e:
+            if not done:  # after `done` the output is complete; a late error changes nothing
+                raise client.failure(e, mid_stream=received) from None
     if not done:
         raise Failure(
             Exit.UNAVAILABLE,

@@ -2,16 +2,20 @@
 remove it, show how it is doing, and show its log.
 
 What each command writes and runs is a plan from exod/service/plan.py; `--dry-run` prints the
-plan instead of carrying it out, and `--platform` picks either platform's plan on any machine.
+plan instead of carrying it out, and `--platform` picks either platform's plan on any machine
+(the other machine's only with `--dry-run`). Before it makes an install plan, exoctl checks that
+the service could start: its settings pass exod's own parser (else 78), and no exod started by
+hand holds its home (else 75).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,13 +23,15 @@ import click
 import grpc
 
 import exod
-from exoctl.arguments import default_socket
+from exoctl import interrupt
 from exoctl.failures import Failure, one_line
+from exoctl.group import Group
+from exoctl.interrupt import Ending
 from exoctl.options import json_option
 from exoctl.terminal import print_json, print_lines, say
-from exod import __version__
+from exod import __version__, config
 from exod.errors import Exit
-from exod.service import apply, localnet
+from exod.service import apply, holder, localnet, report, settings
 from exod.service import plan as plans
 from exod.service.paths import PLATFORMS, LinuxPaths, MacPaths, Platform, this_platform
 from exod.service.state import NOT_LOADED, ServiceState, from_launchctl_print, from_systemctl_show
@@ -43,7 +49,8 @@ def platform_option(f: F) -> F:
         type=click.Choice(PLATFORMS),
         default=this_platform(),
         show_default=True,
-        help="Whose service: macOS (launchd) or Linux (systemd --user).",
+        help="Whose service: macOS (launchd) or Linux (systemd --user); the other machine's "
+        "only with --dry-run.",
     )(f)
 
 
@@ -53,7 +60,23 @@ def dry_run_option(f: F) -> F:
     )(f)
 
 
-@click.group("service")
+def require_this_platform(platform: Platform, dry_run: bool) -> None:
+    """The other platform's files mean nothing to this machine's service manager: they are for
+    reading (--dry-run), never for writing here."""
+    if platform == this_platform() or dry_run:
+        return
+    command = click.get_current_context().command_path
+    raise Failure(
+        Exit.USAGE,
+        one_line(
+            f"--platform {platform} is not this machine's platform, so only --dry-run works "
+            "with it",
+            f"run `{command} --dry-run --platform {platform}`, or leave out --platform",
+        ),
+    )
+
+
+@click.group("service", cls=Group)
 def service_group() -> None:
     """Run exod as a service that starts at login and restarts when it fails.
 
@@ -106,12 +129,54 @@ def source_checkout() -> Path:
     return root
 
 
-def install_plan(platform: Platform, from_source: bool) -> plans.Plan:
+def exod_setting_options(f: F) -> F:
+    """exod's own setting flags (`exod --help`), each baked into the service as its variable."""
+    for s in reversed(config.SETTINGS):
+        f = click.option(s.flag, s.name, metavar="VALUE", help=f"{s.help} ({s.env}).")(f)
+    return f
+
+
+def checked_settings(platform: Platform, flags: Mapping[str, str | None]) -> dict[str, str]:
+    """This shell's EXOD_* settings and the flags given, as the service will carry them, or 78
+    with exod's words."""
+    try:
+        return settings.baked_environment(os.environ, platform, flags)
+    except config.ConfigError as e:
+        raise Failure(
+            Exit.CONFIG,
+            one_line(
+                f"the service's exod would not start: {e}",
+                "nothing was installed; fix the setting (`exod --help` lists them), then run "
+                "`exoctl service install` again",
+            ),
+        ) from None
+
+
+def refuse_if_held(home: Path) -> None:
+    """75 when an exod started by hand holds the home: the service's own would exit 75 at every
+    start, and its manager would restart it in a loop."""
+    found = holder.holder(home)
+    if found is None or found.by_service:
+        return  # the service's own exod is stopped by the plan before the new one starts
+    raise Failure(
+        Exit.TEMPFAIL,
+        one_line(
+            f"{report.who(found)} is already running on {home}, started by hand, so the "
+            "service's exod could not take that home",
+            f"nothing was installed; {report.stop_it(found)} and run `exoctl service install` "
+            "again, or give the service another home (`exoctl service install --home DIR`)",
+        ),
+    )
+
+
+def install_plan(
+    platform: Platform, from_source: bool, environment: Mapping[str, str]
+) -> plans.Plan:
     source = source_checkout() if from_source else None
     program = find_exod()
     if source is not None and (source / ".venv" / "bin" / "exod").is_file():
         program = source / ".venv" / "bin" / "exod"  # the checkout's own environment
-    service = plans.service_for(program, os.environ, source)
+    service = plans.service_for(program, environment, source)
     if platform == "macos":
         return plans.macos_install(MacPaths.of(os.environ), service, __version__, os.getuid())
     return plans.linux_install(LinuxPaths.of(os.environ), service)
@@ -121,6 +186,10 @@ def uninstall_plan(platform: Platform) -> plans.Plan:
     if platform == "macos":
         return plans.macos_uninstall(MacPaths.of(os.environ), os.getuid())
     return plans.linux_uninstall(LinuxPaths.of(os.environ))
+
+
+def present(steps: tuple[plans.FileStep, ...]) -> tuple[plans.FileStep, ...]:
+    return tuple(s for s in steps if s.path.exists() or s.path.is_symlink())
 
 
 def carry_out(plan: plans.Plan, dry_run: bool) -> None:
@@ -141,19 +210,26 @@ def carry_out(plan: plans.Plan, dry_run: bool) -> None:
         raise Failure(code, one_line(f"cannot change the service's files: {e}", "")) from None
     print_lines([apply.describe_done(step) for step in plan.files])
     if why_not is not None:
-        pending = "; ".join(f"`{c}`" for c in plan.after) or "nothing more"
-        raise Failure(
-            Exit.UNAVAILABLE,
-            one_line(
-                f"the files are in place, but no user service manager answers "
-                f"(`{plan.probe}`: {why_not})",
-                f"nothing was started or stopped; where one runs, do: {pending}",
-            ),
-        )
+        raise Failure(Exit.UNAVAILABLE, unreachable_line(plan, why_not))
     for command in plan.after:
         _run(command)
     for note in plan.notes:
         say(note)
+
+
+def unreachable_line(plan: plans.Plan, why_not: str) -> str:
+    """What was and was not done when no user service manager answers."""
+    pending = "; ".join(f"`{c}`" for c in plan.after)
+    manager = f"no user service manager answers (`{plan.probe}`: {why_not})"
+    if plan.action == "install":
+        return one_line(
+            f"wrote the service's files, but {manager}, so exod was not started",
+            f"where one runs, do: {pending}; until then, run exod by hand: `exod`",
+        )
+    return one_line(
+        f"removed the service's files, but {manager}, so nothing was stopped",
+        f"where one runs, do: {pending}",
+    )
 
 
 def _run(command: plans.Command) -> None:
@@ -179,22 +255,32 @@ def _run(command: plans.Command) -> None:
 )
 @platform_option
 @dry_run_option
-def install_command(*, from_source: bool, platform: Platform, dry_run: bool) -> None:
+@exod_setting_options
+def install_command(
+    *, from_source: bool, platform: Platform, dry_run: bool, **flags: str | None
+) -> None:
     """Install exod as a login service and start it.
 
     macOS: writes ~/Applications/exod.app and ~/Library/LaunchAgents/org.exod.daemon.plist and
     runs `launchctl bootstrap gui/UID`. Linux: writes ~/.config/systemd/user/exod.service and
-    runs `systemctl --user enable --now`. The EXOD_* settings of this shell go with it.
-    Installing again replaces the files and restarts exod. Where no user service manager answers
-    the files are written anyway and exoctl exits 69.
+    runs `systemctl --user enable --now`. exod's settings go with it: the EXOD_* variables of
+    this shell and exod's own flags given here (a flag wins), checked as exod checks them (78
+    if exod would refuse one), relative paths made absolute, EXOD_HOME always written out. An
+    exod started by hand on the same home is refused (75): stop it first. Installing again
+    replaces the files and restarts exod. Where no user service manager answers the files are
+    written anyway and exoctl exits 69.
 
     \b
     Examples:
       exoctl service install --dry-run --platform macos
+      exoctl service install --home /data/exod --idle-ttl 600
       EXOD_HOME=/data/exod exoctl service install
       .venv/bin/exoctl service install --from-source
     """
-    carry_out(install_plan(platform, from_source), dry_run)
+    require_this_platform(platform, dry_run)
+    environment = checked_settings(platform, flags)
+    refuse_if_held(settings.service_home(environment, platform))
+    carry_out(install_plan(platform, from_source, environment), dry_run)
 
 
 @service_group.command("uninstall")
@@ -203,18 +289,34 @@ def install_command(*, from_source: bool, platform: Platform, dry_run: bool) -> 
 def uninstall_command(*, platform: Platform, dry_run: bool) -> None:
     """Stop the service and remove everything `install` wrote (exod's state and log stay).
 
+    An exod started by hand is left running. With nothing installed, says so and exits 0.
+
     \b
     Examples:
       exoctl service uninstall --dry-run
       exoctl service uninstall
     """
-    carry_out(uninstall_plan(platform), dry_run)
+    require_this_platform(platform, dry_run)
+    home, _ = settings.where_it_runs(platform, os.environ)  # before its files are gone
+    plan = uninstall_plan(platform)
+    there = present(plan.files)
+    if not there:
+        wanted = " nor ".join(str(step.path) for step in plan.files)
+        say(f"exod is not installed as a service (there is no {wanted}): nothing to remove")
+    else:
+        carry_out(dataclasses.replace(plan, files=there), dry_run)
+    found = holder.holder(home)
+    if found is not None and not found.by_service and not dry_run:
+        kill = f" (`kill {found.pid}` stops it)" if found.pid else ""
+        say(
+            f"{report.who(found)}, started by hand, still runs on {home}; uninstall leaves it{kill}"
+        )
 
 
 # --- status -------------------------------------------------------------------------------------
 
 
-def exod_health(socket: Path) -> str:
+def exod_health(socket: Path) -> report.Health:
     """`serving`, `not_serving` (exod answers but its self-check fails) or `unreachable`."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc  # only `status` needs it
 
@@ -259,6 +361,43 @@ def installed_files(platform: Platform) -> list[Path]:
     return [LinuxPaths.of(os.environ).unit]
 
 
+def restart_command(platform: Platform) -> plans.Command:
+    return plans.macos_restart(os.getuid()) if platform == "macos" else plans.linux_restart()
+
+
+def find(platform: Platform) -> report.Findings:
+    """Everything `status` looks at: files, manager, socket, and who holds the home."""
+    home, socket = settings.where_it_runs(platform, os.environ)
+    why_not, state = manager_state(platform)
+    found = holder.holder(home)
+    if found and found.pid and state.pid and state.pid in (found.pid, _parent(found.pid)):
+        found = dataclasses.replace(found, by_service=True)  # the manager says so, too
+    return report.Findings(
+        platform=platform,
+        files={path: path.exists() for path in installed_files(platform)},
+        manager_error=why_not,
+        state=state,
+        health=exod_health(socket),
+        home=home,
+        socket=socket,
+        holder=found,
+        restart=str(restart_command(platform)),
+        local_network_denied=(
+            platform == "macos" and localnet.in_log(log_tail(MacPaths.of(os.environ).log))
+        ),
+    )
+
+
+def _parent(pid: int) -> int | None:
+    """The parent of `pid` (launchd runs exod's launcher, whose child exod is)."""
+    import psutil  # only `status` needs it
+
+    try:
+        return psutil.Process(pid).ppid()
+    except psutil.Error:
+        return None
+
+
 @service_group.command("status")
 @platform_option
 @dry_run_option
@@ -266,84 +405,39 @@ def installed_files(platform: Platform) -> list[Path]:
 def status_command(*, platform: Platform, dry_run: bool, as_json: bool) -> None:
     """Whether the service is installed, what its manager says, and whether exod answers.
 
-    Exits 0 when exod answers and passes its self-check, else 69 with what to do.
+    Exits 0 when the service is up: its manager runs it and the exod answering on the socket
+    is the service's. Else 69 with what to do, also when an exod started by hand answers.
 
     \b
     Examples:
       exoctl service status
       exoctl service status --json | jq .exod
     """
-    files = installed_files(platform)
-    socket = default_socket(os.environ)
+    require_this_platform(platform, dry_run)
     if dry_run:
+        home, socket = settings.where_it_runs(platform, os.environ)
         probe = plans.macos_probe(os.getuid()) if platform == "macos" else plans.linux_probe()
         shown = plans.macos_status(os.getuid()) if platform == "macos" else plans.linux_status()
         print_lines(
             [
-                *(f"check  {path} exists" for path in files),
+                *(f"check  {path} exists" for path in installed_files(platform)),
                 f"run    {probe}",
                 f"run    {shown}",
                 f"check  grpc.health.v1.Health/Check on {socket}",
+                f"check  which exod holds {home / holder.LOCK_NAME}",
             ]
         )
         return
-    installed = all(path.exists() for path in files)
-    why_not, state = manager_state(platform)
-    health = exod_health(socket)
-    denied = platform == "macos" and localnet.in_log(log_tail(MacPaths.of(os.environ).log))
-    report = {
-        "platform": platform,
-        "installed": installed,
-        "files": {str(path): path.exists() for path in files},
-        "manager": {
-            "reachable": why_not is None,
-            "error": why_not,
-            "loaded": state.loaded,
-            "running": state.running,
-            "pid": state.pid,
-            "detail": state.detail,
-        },
-        "exod": health,
-        "socket": str(socket),
-        "local_network_denied": denied,
-    }
+    found = find(platform)
     if as_json:
-        print_json(report)
+        print_json(report.as_json(found))
     else:
-        print_lines(status_lines(report))
-    if denied:
+        print_lines(report.lines(found))
+    if found.local_network_denied:
         say(localnet.ADVICE)
-    if health != "serving":
-        raise Failure(Exit.UNAVAILABLE, one_line(*status_problem(installed, why_not, health)))
-
-
-def status_lines(report: dict[str, Any]) -> list[str]:
-    manager = report["manager"]
-    if not manager["reachable"]:
-        said = f"not reachable: {manager['error']}"
-    else:
-        said = manager["detail"] + (f", pid {manager['pid']}" if manager["pid"] else "")
-    files = ", ".join(f"{p}{'' if ok else ' (missing)'}" for p, ok in report["files"].items())
-    return [
-        f"platform  {report['platform']}",
-        f"installed {'yes' if report['installed'] else 'no'}: {files}",
-        f"manager   {said}",
-        f"exod      {report['exod'].replace('_', ' ')} on {report['socket']}",
-    ]
-
-
-def status_problem(installed: bool, why_not: str | None, health: str) -> tuple[str, str]:
-    """(what is wrong, what to do) when exod does not serve."""
-    if health == "not_serving":
-        return "exod answers but fails its self-check", "`exoctl service logs` says why"
-    if not installed:
-        return (
-            "exod is not running and is not installed as a service",
-            "start it with `exoctl service install`, or `exod` in the foreground",
-        )
-    if why_not is not None:
-        return "exod is not running, and no user service manager answers", "see docs/install.md"
-    return "the service is installed but exod does not answer", "`exoctl service logs` says why"
+    wrong = report.problem(found)
+    if wrong is not None:
+        raise Failure(Exit.UNAVAILABLE, one_line(*wrong))
 
 
 # --- logs ---------------------------------------------------------------------------------------
@@ -359,27 +453,48 @@ def status_problem(installed: bool, why_not: str | None, health: str) -> tuple[s
 def logs_command(*, lines: int, follow: bool, platform: Platform, dry_run: bool) -> None:
     """Print the service's log: launchd's log file on macOS, the user journal on Linux.
 
+    Exits 69 when there is no service log to show (no user service manager on Linux, no log
+    file yet on macOS), saying where exod's log is instead.
+
     \b
     Examples:
       exoctl service logs -n 200
       exoctl service logs --follow
     """
+    require_this_platform(platform, dry_run)
     if platform == "macos":
+        log = MacPaths.of(os.environ).log
         command = plans.macos_logs(MacPaths.of(os.environ), lines, follow)
     else:
         command = plans.linux_logs(lines, follow)
     if dry_run:
         click.echo(f"run    {command}")
         return
+    if platform == "macos" and not log.exists():
+        raise Failure(
+            Exit.UNAVAILABLE,
+            one_line(
+                f"there is no service log yet: launchd writes {log} once the service has run",
+                "`exoctl service status` says whether it is installed; an exod started by "
+                "hand logs to its own stderr",
+            ),
+        )
+    if platform == "linux":
+        why_not = apply.unreachable(plans.linux_probe())
+        if why_not is not None:
+            home, _ = settings.where_it_runs(platform, os.environ)
+            wrong = report.logs_problem(why_not, home, holder.holder(home))
+            raise Failure(Exit.UNAVAILABLE, one_line(*wrong))
+    # Ctrl-C reaches the log reader too (same process group); for --follow it is the way to stop.
+    on_ctrl_c = Ending(code=0, message=None) if follow else Ending()
     try:
-        code = subprocess.call(command.argv, stdin=subprocess.DEVNULL)
+        with interrupt.ending(on_ctrl_c):
+            code = subprocess.call(command.argv, stdin=subprocess.DEVNULL)
     except FileNotFoundError:
         raise Failure(
             Exit.UNAVAILABLE,
             one_line(f"cannot show the log: {command.argv[0]} is not installed", ""),
         ) from None
-    except KeyboardInterrupt:
-        return  # the way to stop --follow
     if code != 0:
         raise Failure(
             Exit.UNAVAILABLE,

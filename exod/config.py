@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import pwd
 import re
 import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 # Linux allows 108 bytes in sun_path including the NUL, macOS 104; take the smaller everywhere.
 MAX_SOCKET_PATH = 103
+
+T = TypeVar("T")
 
 
 class ConfigError(Exception):
@@ -72,46 +75,83 @@ def default_home(environ: Mapping[str, str], platform: str = sys.platform) -> Pa
     return base / "exod"
 
 
+def user_name() -> str:
+    """The user exod runs as, for messages about files it may not write."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a uid with no name (a container's arbitrary uid)
+        return f"uid {os.geteuid()}"
+
+
+def _parsed(kind: Callable[[str], T], text: str, expected: str) -> T:
+    """`kind(text)`, or a ValueError saying what was expected instead of Python's own words."""
+    try:
+        return kind(text.strip())
+    except ValueError:
+        raise ValueError(expected) from None
+
+
+# Each parser's error says what a valid value looks like; load() prefixes the name and the value.
+_SECONDS = "expected seconds, 0 or more, e.g. 300"
+_POSITIVE_SECONDS = "expected seconds, more than 0, e.g. 60"
+_POSITIVE_INT = "expected a whole number, 1 or more, e.g. 16"
+_LOG_LEVELS = "expected one of debug, info, warning, error"
+_MEMORY = (
+    "expected a size such as 8G, 512M or 1073741824 (bytes), or a percentage of RAM above 0 "
+    "and at most 100, such as 75%"
+)
+_BYTES = "expected a size in bytes, at least 1, such as 4M or 1048576 (not a percentage)"
+_PORT = "expected a TCP port, 1 to 65535, or 0 to turn the HTTP API off"
+_IP = "expected an IP address such as 127.0.0.1, ::1 or 0.0.0.0, not a host name"
+_HOSTS = "expected host names separated by commas, e.g. mybox.local,mybox (IPv6 in brackets)"
+_COMMAND = "expected a command prefix split like a shell would, e.g. 'nice -n 10'"
+
+
 def _seconds(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise ValueError("must be a non-negative number of seconds")
+    value = _parsed(float, text, _SECONDS)
+    if not 0 <= value < float("inf"):  # also refuses nan
+        raise ValueError(_SECONDS)
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _parsed(float, text, _POSITIVE_SECONDS)
+    if not 0 < value < float("inf"):
+        raise ValueError(_POSITIVE_SECONDS)
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _parsed(int, text, _POSITIVE_INT)
     if value < 1:
-        raise ValueError("must be a positive integer")
+        raise ValueError(_POSITIVE_INT)
     return value
 
 
 def _log_level(text: str) -> str:
-    level = text.upper()
+    level = text.strip().upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise ValueError("must be one of debug, info, warning, error")
+        raise ValueError(_LOG_LEVELS)
     return level
-
-
-def _positive_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value == 0:
-        raise ValueError("must be more than 0 seconds")
-    return value
 
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?")
+_PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*%")
 
 
 def parse_memory(text: str, total: int) -> int:
-    """Bytes from `8589934592`, `8G`, `8GiB`, `512M` or `75%` (of `total`, the machine's RAM)."""
+    """Bytes from `8589934592`, `8G`, `8GiB`, `512M` or `75%` (of `total`, the machine's RAM).
+
+    Raises ValueError (without a message worth showing: callers say what they expected).
+    """
     t = text.strip().lower()
-    if t.endswith("%"):
-        percent = float(t[:-1])
-        if not 0 < percent <= 100:
+    percent = _PERCENT.fullmatch(t)
+    if percent is not None:
+        value = float(percent.group(1))
+        if not 0 < value <= 100:
             raise ValueError("a percentage must be above 0 and at most 100")
-        return int(total * percent / 100)
+        return int(total * value / 100)
     size = _SIZE.fullmatch(t)
     if size is None:
         raise ValueError("not a size")
@@ -121,44 +161,47 @@ def parse_memory(text: str, total: int) -> int:
 def _memory(text: str) -> int:
     import psutil  # only here: the rest of config stays importable without it
 
-    try:
-        return parse_memory(text, psutil.virtual_memory().total)
-    except ValueError as e:
-        raise ValueError(f"{e} (a size such as 8G, 512M, 1073741824 or 75%)") from None
+    return _parsed(lambda t: parse_memory(t, psutil.virtual_memory().total), text, _MEMORY)
+
+
+def _memory_cap(text: str) -> int:
+    # A cap of 0 bytes would refuse every model, long after start: refuse it now instead.
+    value = _memory(text)
+    if value < 1:
+        raise ValueError(f"{_MEMORY}; a cap of 0 would refuse every model")
+    return value
 
 
 def _command(text: str) -> tuple[str, ...]:
-    return tuple(shlex.split(text))
+    try:
+        return tuple(shlex.split(text))
+    except ValueError as e:  # shlex's words ("No closing quotation") are worth keeping
+        raise ValueError(f"{_COMMAND}: {str(e).lower()}") from None
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    value = _parsed(int, text, _PORT)
     if not 0 <= value <= 65535:
-        raise ValueError("must be a TCP port, 1 to 65535, or 0 for none")
+        raise ValueError(_PORT)
     return value
 
 
 def _ip_address(text: str) -> str:
-    try:
-        return str(ipaddress.ip_address(text.strip()))
-    except ValueError:
-        raise ValueError("must be an IP address such as 127.0.0.1, ::1 or 0.0.0.0") from None
+    return str(_parsed(ipaddress.ip_address, text, _IP))
 
 
 def _host_names(text: str) -> tuple[str, ...]:
     names = tuple(n.strip().lower() for n in text.split(",") if n.strip())
     for name in names:
         if not re.fullmatch(r"[a-z0-9._-]+|\[[0-9a-f:.]+\]", name):
-            raise ValueError(f"{name!r} is not a host name (IPv6 addresses go in brackets)")
+            raise ValueError(f"{_HOSTS}; {name!r} is not one")
     return names
 
 
 def _bytes(text: str) -> int:
-    if text.strip().endswith("%"):
-        raise ValueError("must be a size such as 4M or 1048576, not a percentage")
-    value = parse_memory(text, 0)
+    value = -1 if "%" in text else _parsed(lambda t: parse_memory(t, 0), text, _BYTES)
     if value < 1:
-        raise ValueError("must be at least 1 byte")
+        raise ValueError(_BYTES)
     return value
 
 
@@ -168,7 +211,7 @@ def is_loopback(address: str) -> bool:
 
 def _path(text: str) -> Path:
     if not text:
-        raise ValueError("must not be empty")
+        raise ValueError("expected a path, not an empty value")
     return Path(text).expanduser().absolute()
 
 
@@ -178,21 +221,21 @@ SETTINGS: tuple[Setting, ...] = (
         "EXOD_HOME",
         lambda env: str(default_home(env)),
         _path,
-        "state dir: the event log, node id, runner logs, models",
+        "state dir, created if missing: the event log, node id, prompt secret, runner logs, models",
     ),
     Setting(
         "socket",
         "EXOD_SOCKET",
         lambda env: "",  # filled in from home below
         lambda t: _path(t) if t else None,
-        "control socket (default: exod.sock in the state dir)",
+        "control socket exoctl talks to, at most 103 bytes (unset: exod.sock in the state dir)",
     ),
     Setting(
         "idle_ttl",
         "EXOD_IDLE_TTL",
         lambda env: "300",
         _seconds,
-        "seconds an idle runner keeps its model loaded",
+        "seconds an idle runner keeps its model loaded; 0 stops it as soon as it is idle",
     ),
     Setting(
         "max_prompt_tokens",
@@ -254,15 +297,17 @@ SETTINGS: tuple[Setting, ...] = (
         "max_runner_memory",
         "EXOD_MAX_RUNNER_MEMORY",
         lambda env: "90%",
-        _memory,
-        "memory cap on one runner's whole process tree (USS), bytes or a percentage of RAM",
+        _memory_cap,
+        "cap on one runner's whole process tree (USS), bytes or a percentage of RAM: a runner "
+        "over it is ended, a model estimated above it is refused",
     ),
     Setting(
         "reserved_memory",
         "EXOD_RESERVED_MEMORY",
         lambda env: "1G",
         _memory,
-        "memory left free for everything else: a model that would eat into it waits or is refused",
+        "memory kept free for everything else when a runner is started: a model whose estimate "
+        "does not fit in available memory minus this evicts idle runners, else is refused",
     ),
     Setting(
         "runner_wrapper",
@@ -317,23 +362,30 @@ SETTINGS: tuple[Setting, ...] = (
 
 
 def load(flags: Mapping[str, str | None], environ: Mapping[str, str] | None = None) -> Settings:
-    """Settings from flags (by setting name; None when not given), the environment and defaults."""
+    """Settings from flags (by setting name; None when not given), the environment and defaults.
+
+    A ConfigError's message is one line that names what the user set (the flag when it came
+    from a flag, the variable when from the environment) and what a valid value looks like.
+    """
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
+    named: dict[str, str] = {}
     for s in SETTINGS:
         flag = flags.get(s.name)
         raw = flag if flag is not None else env.get(s.env, s.default(env))
+        named[s.name] = s.flag if flag is not None else s.env
         try:
             values[s.name] = s.parse(raw)
         except ValueError as e:
-            source = s.flag if flag is not None else s.env if s.env in env else "default"
-            raise ConfigError(f"invalid {s.env} ({source}) {raw!r}: {e}") from None
+            who = named[s.name] if flag is not None or s.env in env else f"default {s.env}"
+            raise ConfigError(f"invalid {who} {raw!r}: {e}") from None
     if values["socket"] is None:
         values["socket"] = values["home"] / "exod.sock"
-    if len(os.fsencode(values["socket"])) > MAX_SOCKET_PATH:
+    size = len(os.fsencode(values["socket"]))
+    if size > MAX_SOCKET_PATH:
         raise ConfigError(
-            f"socket path {values['socket']} is longer than {MAX_SOCKET_PATH} bytes, "
-            "the limit of a Unix socket: set EXOD_SOCKET (or --socket) to a shorter path"
+            f"socket path {values['socket']} is {size} bytes, longer than the {MAX_SOCKET_PATH} "
+            "a Unix socket allows: set EXOD_SOCKET or --socket to a shorter path"
         )
     if (
         values["http_port"]
@@ -341,9 +393,9 @@ def load(flags: Mapping[str, str | None], environ: Mapping[str, str] | None = No
         and not is_loopback(values["http_bind"])
     ):
         raise ConfigError(
-            f"EXOD_HTTP_BIND={values['http_bind']} is reachable beyond this machine, and without "
-            "a key anyone who reaches it could run models: set EXOD_API_KEY_FILE to a file "
-            "holding a key, or bind 127.0.0.1"
+            f"{named['http_bind']} {values['http_bind']} is reachable beyond this machine, and "
+            "without a key anyone who reaches it could run models: set EXOD_API_KEY_FILE or "
+            "--api-key-file to a file holding a key, or bind 127.0.0.1"
         )
     names = {f.name for f in fields(Settings)}
     return Settings(**{k: v for k, v in values.items() if k in names})

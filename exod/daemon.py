@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
+import stat
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from exod import __version__
+from exod import __version__, config
 from exod.config import Settings
 from exod.control import server as control_server
 from exod.control.service import ControlService, Node
@@ -48,11 +51,53 @@ class Refused(Exception):
         self.code = code
 
 
+HOME_FIX = "set EXOD_HOME or --home to a directory that {user} can write"
+SOCKET_FIX = "set EXOD_SOCKET or --socket to a path in a directory that {user} can write"
+IN_HOME_FIX = "move it aside, or set EXOD_HOME or --home to another directory"
+
+
+def path_problem(path: Path, err: OSError) -> str:
+    """What stands in the way of `path`, in words: the part of it that is a file, the directory
+    this user may not write, the read-only file system. `err` is what the attempt raised."""
+    target = Path(err.filename) if isinstance(err.filename, str) else path
+    if err.errno in (errno.ENOTDIR, errno.EEXIST):
+        # A directory was expected; find the first part of the path that is something else.
+        for part in (*reversed(target.parents), target):
+            if os.path.lexists(part) and not part.is_dir():
+                return f"{part} is {'a file, ' if part.is_file() else ''}not a directory"
+    if err.errno == errno.EISDIR:
+        return f"{target} is a directory"
+    where = next((p for p in (target, *target.parents) if os.path.lexists(p)), target)
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return f"user {config.user_name()} may not write to {where}"
+    if err.errno == errno.EROFS:
+        return f"{where} is on a read-only file system"
+    return f"{err.strerror or err} ({target})"
+
+
+def cannot(doing: str, path: Path, err: OSError, fix: str) -> Refused:
+    """The refusal for a path exod cannot use at start: 75 for a full disk, else 78 (only a
+    person can fix a file in the way or a permission, so a service manager must not retry)."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return Refused(Exit.TEMPFAIL, f"cannot {doing} {path}: the disk is full; free some space")
+    why = path_problem(path, err)
+    return Refused(
+        Exit.CONFIG, f"cannot {doing} {path}: {why}; {fix.format(user=config.user_name())}"
+    )
+
+
 @contextlib.contextmanager
 def hold_home(home: Path) -> Iterator[IO[str]]:
     """An exclusive lock on the home for as long as this exod lives; the holder's pid inside."""
-    home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    lock = open(home / "exod.lock", "a+")  # noqa: SIM115  # held open for the daemon's lifetime
+    try:
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise cannot("create its home", home, e, HOME_FIX) from None
+    try:
+        lock = open(home / "exod.lock", "a+")  # noqa: SIM115  # held open for the daemon's life
+    except OSError as e:
+        fix = IN_HOME_FIX if e.errno == errno.EISDIR else HOME_FIX
+        raise cannot("write in its home", home, e, fix) from None
     try:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -73,15 +118,69 @@ def hold_home(home: Path) -> Iterator[IO[str]]:
         lock.close()
 
 
-def read_or_create(path: Path, make: str) -> str:
+def read_or_create(path: Path, make: str, valid: Callable[[str], bool]) -> str:
     """A small identity file: created once, then read forever (node id, prompt secret)."""
     try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(make + "\n")
-        tmp.replace(path)
-        return make
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(make + "\n")
+            tmp.replace(path)
+            return make
+    except OSError as e:
+        raise cannot("read or create", path, e, IN_HOME_FIX) from None
+    except UnicodeDecodeError:
+        text = ""
+    if not valid(text):
+        raise Refused(
+            Exit.CONFIG,
+            f"{path} is damaged (it is not what exod wrote there); restore it from a backup, "
+            "or move it aside and exod makes a new one",
+        )
+    return text
+
+
+def valid_node_id(text: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9._-]+", text))
+
+
+def valid_secret(text: str) -> bool:
+    return bool(re.fullmatch(r"(?:[0-9a-f]{2})+", text))
+
+
+def store_exit(e: StoreError) -> Exit:
+    """The exit code for an event log that cannot be opened or replayed at start."""
+    if e.disk_full or e.busy:
+        return Exit.TEMPFAIL
+    # A damaged or unwritable file is not a bug of exod (70) and does not heal by itself:
+    # 78, so that a service manager waits for the person the message asks to act.
+    return Exit.CONFIG if e.unusable else Exit.INTERNAL
+
+
+def check_socket_path(path: Path) -> None:
+    """Refuse a socket path exod cannot listen on, before the log is opened: its directory
+    cannot be made, or a file or directory stands where the socket goes (clearing a stale socket
+    must never delete a user's file)."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise cannot("listen on", path, e, SOCKET_FIX) from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        # gRPC would find out only when it binds, after the log is replayed, and would say it
+        # in a line of its own on stderr.
+        code = errno.EROFS if os.statvfs(path.parent).f_flag & os.ST_RDONLY else errno.EACCES
+        err = OSError(code, os.strerror(code), str(path.parent))
+        raise cannot("listen on", path, err, SOCKET_FIX)
+    with contextlib.suppress(FileNotFoundError):
+        mode = path.lstat().st_mode
+        if not (stat.S_ISSOCK(mode) or stat.S_ISLNK(mode)):
+            what = "a directory" if stat.S_ISDIR(mode) else "a file"
+            raise Refused(
+                Exit.CONFIG,
+                f"cannot listen on {path}: it is {what}, not a socket; move it aside, or set "
+                "EXOD_SOCKET or --socket to another path",
+            )
 
 
 def close_interrupted(journal: Journal) -> None:
@@ -110,7 +209,7 @@ def open_journal(settings: Settings, node_id: str) -> Journal:
     try:
         store = EventStore(settings.home / "exod.db", node_id)
     except StoreError as e:
-        raise Refused(Exit.INTERNAL, str(e)) from e
+        raise Refused(store_exit(e), str(e)) from e
     try:
         started = time.monotonic()
         journal = Journal(store, replay(store), settings.snapshot_every)
@@ -122,7 +221,7 @@ def open_journal(settings: Settings, node_id: str) -> Journal:
         journal.append(events_pb2.Event(node_started=started_event))
     except StoreError as e:
         store.close()
-        raise Refused(Exit.INTERNAL, str(e)) from e
+        raise Refused(store_exit(e), str(e)) from e
     except BaseException:
         store.close()
         raise
@@ -133,8 +232,10 @@ async def serve(settings: Settings) -> None:
     # systemd's NOTIFY_SOCKET and WATCHDOG_USEC, if it started us (a no-op otherwise).
     notifier = Notifier.from_environ(os.environ)
     notifier.status("replaying the event log")
-    node_id = read_or_create(settings.home / "node_id", "n-" + secrets.token_hex(6))
-    secret = bytes.fromhex(read_or_create(settings.home / "secret", secrets.token_hex(32)))
+    check_socket_path(settings.socket)
+    node_id = read_or_create(settings.home / "node_id", "n-" + secrets.token_hex(6), valid_node_id)
+    secret_hex = read_or_create(settings.home / "secret", secrets.token_hex(32), valid_secret)
+    secret = bytes.fromhex(secret_hex)
     journal = open_journal(settings, node_id)
     try:
         supervisor = Supervisor(journal, settings, MemoryCgroups.setup())
@@ -162,10 +263,13 @@ async def serve_until_stopped(
         raise Refused(e.code, str(e)) from e
     try:
         server, checker = await control_server.start(settings.socket, ControlService(node, runs))
+    except OSError as e:
+        raise cannot("listen on", settings.socket, e, SOCKET_FIX) from e
     except control_server.SocketInUse as e:
         raise Refused(Exit.TEMPFAIL, f"{e}: is another exod using it?") from e
-    except RuntimeError as e:
-        raise Refused(Exit.CONFIG, f"cannot listen on {settings.socket}: {e}") from e
+    except RuntimeError as e:  # gRPC's bind failure; check_socket_path caught the usual causes
+        fix = SOCKET_FIX.format(user=config.user_name())
+        raise Refused(Exit.CONFIG, f"cannot listen on {settings.socket}: {e}; {fix}") from e
     log.info("exod %s serving on %s (node %s)", __version__, settings.socket, node.id)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

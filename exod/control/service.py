@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import re
+import shlex
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -121,16 +122,24 @@ class ControlService(control_pb2_grpc.ControlServicer):
 
     async def _runner_info(self, view: RunnerView) -> control_pb2.RunnerInfo:
         info = control_pb2.RunnerInfo(
-            id=view.id, model=view.model, model_path=view.model_path, state=view.state, pid=view.pid
+            id=view.id,
+            model=view.model,
+            model_path=view.model_path,
+            state=view.state,
+            end_reason=view.end_reason,
         )
         if view.last_error is not None:
             info.last_error.reason = view.last_error.reason
             info.last_error.detail = view.last_error.detail
+        if view.ended_at is not None:
+            info.ended_at.FromNanoseconds(int(view.ended_at * 1e9))
         live = self._supervisor.runners.get(view.id)
         if live is None and view.state in ("spawning", "ready"):
             # Its end could not be logged (a full disk): it is gone all the same.
             info.state = "stopped"
         if live is not None:
+            # Only a live runner has a pid: an ended one's may belong to another process by now.
+            info.pid = view.pid
             info.state = live.state
             info.queued = len(live.queue)
             if live.state == "ready":
@@ -225,6 +234,8 @@ class ControlService(control_pb2_grpc.ControlServicer):
             return control_pb2.ModelsReply()
         if action == control_pb2.ModelsRequest.DEMO:
             path = self._settings.home / "models" / name
+            # Checked before writing a model that would then not be registered.
+            self._check_name_free(request, name, path)
             if not (path / "config.json").exists():
                 await asyncio.to_thread(write_demo_model, path)
         elif action == control_pb2.ModelsRequest.ADD:
@@ -237,10 +248,32 @@ class ControlService(control_pb2_grpc.ControlServicer):
             raise ExoError("invalid_argument", f"unknown models action {action}")
         files = await asyncio.to_thread(inspect_model, path)
         digest = await asyncio.to_thread(content_hash, files.path)
+        # Checked again after the awaits, right before the append: another call may have taken
+        # the name meanwhile.
+        self._check_name_free(request, name, files.path)
         added = events_pb2.ModelAdded(name=name, path=str(files.path), content_hash=digest)
         self._journal.append(events_pb2.Event(model_added=added))
         return control_pb2.ModelsReply(
             models=[control_pb2.ModelInfo(name=name, path=str(files.path), content_hash=digest)]
+        )
+
+    def _check_name_free(self, request: control_pb2.ModelsRequest, name: str, path: Path) -> None:
+        """Refuse to move a name to another directory unless asked to (force): a typo in
+        `models add` must not silently replace a model that scripts run by name. Registering a
+        name again to the same directory is harmless, and refreshes its content hash."""
+        old = self._journal.state.models.get(name)
+        if old is None or request.force or old.path == str(path):
+            return
+        if request.action == control_pb2.ModelsRequest.DEMO:
+            replace = f"`exoctl models demo --name {name} --force`"
+            other = "another name with `exoctl models demo --name NAME`"
+        else:
+            replace = f"`exoctl models add {name} {shlex.quote(str(path))} --force`"
+            other = "another name"
+        raise ExoError(
+            "invalid_argument",
+            f"the name {name!r} is already registered to {old.path}: choose {other}, or "
+            f"replace it with {replace}",
         )
 
 

@@ -17,7 +17,7 @@ from exod.eventlog.records import Record, kind_of
 
 # Bump whenever the meaning of the fold or the shape of `encode` changes: snapshots carry it,
 # and a snapshot of another version is ignored and rebuilt from the log.
-FOLD_VERSION: int = 1
+FOLD_VERSION: int = 2
 # Ended runners kept for `exoctl status` to show why they ended; older ones are forgotten so the
 # state, and so every snapshot, stays the same size however long the daemon runs.
 MAX_ENDED_RUNNERS = 32
@@ -52,7 +52,10 @@ class RunnerView:
     state: RunnerState
     spawned_at: float
     ended_at: float | None
-    last_error: ErrorView | None
+    last_error: ErrorView | None  # why it failed; None unless state is "failed"
+    # Why it ended, for `exoctl status`: RunnerStopped's reason (killed, idle, ...) or
+    # RunnerFailed's; "" while it is alive.
+    end_reason: str
 
 
 @dataclass(frozen=True)
@@ -126,16 +129,18 @@ def _apply(state: State, record: Record) -> State:  # noqa: PLR0911  one return 
                 spawned_at=ts,
                 ended_at=None,
                 last_error=None,
+                end_reason="",
             )
             return replace(state, runners=_with(state.runners, runner.id, runner))
         case "RunnerReady":
             return _ready(state, e.runner_ready.runner_id)
         case "RunnerFailed":
             f = e.runner_failed
-            return _ended(state, f.runner_id, "failed", ts, ErrorView(f.reason, f.detail))
+            return _ended(state, f.runner_id, ts, f.reason, ErrorView(f.reason, f.detail))
         case "RunnerStopped":
             # Being asked to stop is not an error, whatever the reason (interrupted included).
-            return _ended(state, e.runner_stopped.runner_id, "stopped", ts, None)
+            stop = e.runner_stopped
+            return _ended(state, stop.runner_id, ts, stop.reason, None)
         case "RunAccepted":
             # Kept even when its runner is unknown: a run that is in the log must be found in
             # flight at the next start, so that it can be closed as interrupted.
@@ -162,14 +167,14 @@ def _ready(state: State, runner_id: str) -> State:
     return replace(state, runners=_with(state.runners, runner_id, replace(runner, state="ready")))
 
 
-def _ended(
-    state: State, runner_id: str, how: RunnerState, ts: float, error: ErrorView | None
-) -> State:
+def _ended(state: State, runner_id: str, ts: float, reason: str, error: ErrorView | None) -> State:
+    """The runner ended at `ts` for `reason`: failed with `error`, or stopped when it is None."""
     runner = state.runners.get(runner_id)
     # The first end of a runner is the one that counts; a later one cannot revive or rename it.
     if runner is None or runner.state not in _ALIVE:
         return state
-    ended = replace(runner, state=how, ended_at=ts, last_error=error)
+    how: RunnerState = "stopped" if error is None else "failed"
+    ended = replace(runner, state=how, ended_at=ts, last_error=error, end_reason=reason)
     return replace(state, runners=_bounded(_with(state.runners, runner_id, ended)))
 
 
@@ -237,6 +242,7 @@ def _runner(d: Any) -> RunnerView:
         last_error=None
         if error is None
         else ErrorView(_str(error, "reason"), _str(error, "detail")),
+        end_reason=_str(d, "end_reason"),
     )
 
 

@@ -6,6 +6,7 @@ whose message names the database file and says what went wrong in words a user c
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import sys
 import threading
@@ -18,6 +19,7 @@ from typing import Any, Self
 from google.protobuf.message import DecodeError
 from sqlite_utils import Database
 
+from exod.config import user_name
 from exod.eventlog.migrations import migrate
 from exod.eventlog.records import Record, kind_of
 from exod.proto.exo.v1 import events_pb2
@@ -32,10 +34,18 @@ SNAPSHOTS_KEPT = 3
 class StoreError(Exception):
     """The event log cannot be read or written; the message says which file and why."""
 
-    def __init__(self, message: str, *, disk_full: bool = False) -> None:
+    def __init__(
+        self, message: str, *, disk_full: bool = False, busy: bool = False, unusable: bool = False
+    ) -> None:
         super().__init__(message)
         # A full disk is a temporary failure (exit 75): the caller may retry once space is freed.
         self.disk_full = disk_full
+        # Another process holds the lock: temporary too.
+        self.busy = busy
+        # The file cannot be used as it is (damaged, not a database, a directory, not this user's
+        # to write): only a person can fix it, so exod refuses to start (exit 78) rather than
+        # be restarted in a loop.
+        self.unusable = unusable
 
 
 class EventStore:
@@ -64,6 +74,7 @@ class EventStore:
                     # fsync on macOS does not flush the drive's cache; F_FULLFSYNC does.
                     self._db.execute("PRAGMA fullfsync=ON")
                 migrate(self._db)
+                self._check_writable()
         except BaseException:
             conn.close()
             raise
@@ -159,19 +170,32 @@ class EventStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _check_writable(self) -> None:
+        # SQLite opens a file it may read but not write read-only, without a word, and in WAL
+        # mode even takes the write lock; only a write fails. Write the header's user_version
+        # back unchanged and roll it back, so exod refuses to start instead of failing at its
+        # first event.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+            self._db.execute(f"PRAGMA user_version = {version}")
+        finally:
+            self._db.execute("ROLLBACK")
+
     def _quick_check(self) -> None:
         rows = self._db.execute("PRAGMA quick_check").fetchall()
         # One line per problem, some spanning lines themselves; a message should be one line.
         problems = [" ".join(str(r[0]).split()) for r in rows if r[0] != "ok"]
         if problems:
-            raise StoreError(_damaged(self.path, "; ".join(problems[:3])))
+            raise StoreError(_damaged(self.path, "; ".join(problems[:3])), unusable=True)
 
     def _record(self, row: tuple[Any, ...]) -> Record:
         seq, origin, origin_seq, ts, kind, payload = row
         try:
             event = events_pb2.Event.FromString(payload)
         except DecodeError as e:
-            raise StoreError(_damaged(self.path, f"event {seq} does not parse: {e}")) from None
+            message = _damaged(self.path, f"event {seq} does not parse: {e}")
+            raise StoreError(message, unusable=True) from None
         return Record(seq, origin, origin_seq, ts, kind, event)
 
     @contextmanager
@@ -185,8 +209,8 @@ class EventStore:
 
 def _damaged(path: Path, detail: str) -> str:
     return (
-        f"the event log {path} is damaged ({detail}); stop exod and restore the file from a "
-        "backup, or move it aside to start with an empty log"
+        f"the event log {path} is damaged ({detail}); with exod stopped, restore the file from "
+        "a backup, or move it aside to start with an empty log"
     )
 
 
@@ -199,8 +223,36 @@ def _store_error(e: sqlite3.Error, doing: str, path: Path) -> StoreError:
     if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
         return StoreError(
             f"cannot {doing} the event log {path}: it is locked by another process "
-            f"(waited {BUSY_TIMEOUT_S:g} s); is a second exod using the same state dir?"
+            f"(waited {BUSY_TIMEOUT_S:g} s); is a second exod using the same state dir?",
+            busy=True,
         )
     if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
-        return StoreError(_damaged(path, str(e)))
+        return StoreError(_damaged(path, str(e)), unusable=True)
+    if code in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM):
+        return StoreError(
+            f"cannot {doing} the event log {path}: {_unwritable(path)}", unusable=True
+        )
     return StoreError(f"cannot {doing} the event log {path}: {e}")
+
+
+def _unwritable(path: Path) -> str:
+    """Why SQLite could not open or write the file: it says only "unable to open" or "readonly"."""
+    if path.is_dir():
+        return "it is a directory, not a database file; move it aside to start with an empty log"
+    if not path.parent.is_dir():
+        return "its directory does not exist"
+    user = user_name()
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        return (
+            f"user {user} may not read and write it; give it back to {user} (chown), or move "
+            "it aside to start with an empty log"
+        )
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return (
+            f"user {user} may not write in {path.parent}, where SQLite keeps its journal next "
+            "to the log; give that user write access to the directory"
+        )
+    return (
+        "SQLite cannot open it for reading and writing (a read-only file system?); set "
+        "EXOD_HOME to a directory exod can write"
+    )

@@ -25,7 +25,8 @@ def resolve_model(model: str, registry: Mapping[str, ModelView]) -> Path:
             raise ExoError(
                 "model_not_found",
                 f"registered model {model!r} points to {path}, which no longer exists: "
-                f"re-add it with `exoctl models add {model} DIR` or remove it",
+                f"point it elsewhere with `exoctl models add {model} DIR --force`, or remove it "
+                f"with `exoctl models rm {model}`",
             )
         return path
     if model.startswith(HF_PREFIX):

@@ -198,11 +198,40 @@ async def _exo_error(request: Request, exc: Exception) -> Response:
     return error_response(from_exo(exc))
 
 
+# The paths build() routes, for the hint a wrong path gets.
+PATHS = ("/v1/models", "/v1/models/{model}", "/v1/chat/completions", "/v1/completions")
+
+
+def no_such_path(path: str) -> HttpError:
+    """404 with the path that was probably meant: clients are often given the server's root as
+    their base URL, and then ask for /chat/completions."""
+    if path.rstrip("/") == "/v1" or path.startswith("/v1/"):
+        listed = ", ".join(p for p in PATHS if "{" not in p)
+        return HttpError(404, "not_found", f"no such path {path}: the API has {listed}")
+    meant = "/v1" + path.rstrip("/")
+    known = meant in PATHS or meant.startswith("/v1/models/")
+    example = meant if known else "/v1/chat/completions"
+    return HttpError(
+        404,
+        "not_found",
+        f"no such path {path}; the API is under /v1, e.g. {example} (an OpenAI client's base "
+        "URL ends in /v1)",
+    )
+
+
 async def _starlette_error(request: Request, exc: Exception) -> Response:
     """The router's own answers (no such path, wrong method) in OpenAI's format."""
     assert isinstance(exc, HTTPException)
-    codes = {404: "not_found", 405: "method_not_allowed"}
-    err = HttpError(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+    path = request.url.path
+    if exc.status_code == 404:
+        err = no_such_path(path)
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        err = HttpError(
+            405, "method_not_allowed", f"{request.method} {path} is not served; use {allowed}"
+        )
+    else:
+        err = HttpError(exc.status_code, "http_error", str(exc.detail))
     response = error_response(err)
     if exc.headers:
         response.headers.update(exc.headers)  # Allow, for 405

@@ -267,16 +267,21 @@ def encode_prompt(req: runner_pb2.Generate, tokenizer: Any) -> tuple[str | list[
     """The prompt as stream_generate should get it, and its length in tokens.
 
     A raw prompt stays a string so that stream_generate encodes it exactly as mlx_lm.generate
-    does; it is encoded here the same way only to be counted. A conversation (`messages`) is
-    always rendered with the chat template: without one there is no right way to join it.
+    does; it is encoded here the same way only to be counted. A prompt goes through the chat
+    template unless it is raw or the model has none (mlx_lm.generate's rule). A conversation
+    (`messages`) follows the same rule, so that `exoctl run` and /v1/chat/completions agree: a
+    lone user message to a model without a template goes as it is, like a prompt; several
+    messages are refused, since without a template there is no right way to join them.
     """
+    if req.messages and not tokenizer.has_chat_template:
+        if len(req.messages) == 1 and req.messages[0].role == "user":
+            return raw_prompt(req.messages[0].content, tokenizer)
+        raise ExoError(
+            "invalid_argument",
+            "this model has no chat template, so there is no right way to join several "
+            "messages into one prompt: send one user message, or a completion (/v1/completions)",
+        )
     if req.messages:
-        if not tokenizer.has_chat_template:
-            raise ExoError(
-                "invalid_argument",
-                "this model has no chat template, and chat needs a template to turn messages "
-                "into a prompt: send a plain prompt (a completion) instead",
-            )
         conversation = [{"role": m.role, "content": m.content} for m in req.messages]
         try:
             ids = list(tokenizer.apply_chat_template(conversation, add_generation_prompt=True))
@@ -291,10 +296,14 @@ def encode_prompt(req: runner_pb2.Generate, tokenizer: Any) -> tuple[str | list[
         messages = [{"role": "user", "content": req.prompt}]
         ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
         return ids, len(ids)
+    return raw_prompt(req.prompt, tokenizer)
+
+
+def raw_prompt(prompt: str, tokenizer: Any) -> tuple[str, int]:
+    """A prompt sent as it is, and its length in tokens as stream_generate will encode it."""
     bos = tokenizer.bos_token
-    add_special_tokens = bos is None or not req.prompt.startswith(bos)
-    ids = tokenizer.encode(req.prompt, add_special_tokens=add_special_tokens)
-    return req.prompt, len(ids)
+    add_special_tokens = bos is None or not prompt.startswith(bos)
+    return prompt, len(tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
 
 
 def generate(req: runner_pb2.Generate, loaded: Loaded, channel: Channel, inbox: Inbox) -> None:

@@ -4,6 +4,9 @@ run, per platform. `--dry-run` prints a plan; otherwise exoctl carries it out (a
 A plan's commands talk to the user's service manager (launchd's gui domain, `systemctl --user`).
 When that manager cannot be reached (no login session, no user systemd, another OS) the files
 are still written or removed and the commands are reported instead of run.
+
+exoctl makes an install plan only for a service that can start: it checks the settings first
+(settings.py), and that no exod started by hand holds the home they name (holder.py).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from exod.service import launchd, systemd
 from exod.service.paths import LABEL, UNIT, LinuxPaths, MacPaths, Platform
@@ -70,14 +74,23 @@ class Command:
         return shlex.join(self.argv)
 
 
+Action = Literal["install", "uninstall"]
+
+
 @dataclass(frozen=True)
 class Plan:
     platform: Platform
+    action: Action
     probe: Command  # succeeds when the user's service manager answers
     before: tuple[Command, ...] = ()  # run before the files change (stop the old service)
     files: tuple[FileStep, ...] = ()
     after: tuple[Command, ...] = ()  # run once they have (start the new one)
     notes: tuple[str, ...] = ()
+
+
+def _state_note(service: Service) -> tuple[str, ...]:
+    home = service.environment.get("EXOD_HOME")
+    return (f"its state dir: {home}",) if home else ()
 
 
 # --- macOS ----------------------------------------------------------------------------------------
@@ -105,6 +118,7 @@ def macos_install(paths: MacPaths, service: Service, version: str, uid: int) -> 
     job = f"{_gui(uid)}/{LABEL}"
     return Plan(
         platform="macos",
+        action="install",
         probe=macos_probe(uid),
         before=(Command(("launchctl", "bootout", job), may_fail=True),),
         files=(*bundle, MakeDir(paths.log.parent), Write(paths.agent, launchd.dumps(agent))),
@@ -115,6 +129,7 @@ def macos_install(paths: MacPaths, service: Service, version: str, uid: int) -> 
         notes=(
             "exod runs now and starts at every login; launchd restarts it if it fails.",
             f"its log: {paths.log} (`exoctl service logs`).",
+            *_state_note(service),
             "the first time exod looks for peers, macOS asks whether it may find devices on "
             "the local network: answer Allow (docs/troubleshooting.md).",
         ),
@@ -124,6 +139,7 @@ def macos_install(paths: MacPaths, service: Service, version: str, uid: int) -> 
 def macos_uninstall(paths: MacPaths, uid: int) -> Plan:
     return Plan(
         platform="macos",
+        action="uninstall",
         probe=macos_probe(uid),
         before=(Command(("launchctl", "bootout", f"{_gui(uid)}/{LABEL}"), may_fail=True),),
         files=(Remove(paths.agent), Remove(paths.bundle)),
@@ -133,6 +149,10 @@ def macos_uninstall(paths: MacPaths, uid: int) -> Plan:
 
 def macos_status(uid: int) -> Command:
     return Command(("launchctl", "print", f"{_gui(uid)}/{LABEL}"))
+
+
+def macos_restart(uid: int) -> Command:
+    return Command(("launchctl", "kickstart", "-k", f"{_gui(uid)}/{LABEL}"))
 
 
 def macos_logs(paths: MacPaths, lines: int, follow: bool) -> Command:
@@ -160,17 +180,24 @@ def linux_install(paths: LinuxPaths, service: Service) -> Plan:
     text = systemd.unit([str(service.program)], service.environment)
     return Plan(
         platform="linux",
+        action="install",
         probe=linux_probe(),
         before=(_systemctl("stop", UNIT, may_fail=True),),
         files=(Write(paths.unit, text.encode()),),
         after=(_systemctl("daemon-reload"), _systemctl("enable", "--now", UNIT)),
-        notes=("systemd restarts exod if it fails or stops answering.", LINGER),
+        notes=(
+            "systemd restarts exod if it fails or stops answering.",
+            "its log: the user journal (`exoctl service logs`).",
+            *_state_note(service),
+            LINGER,
+        ),
     )
 
 
 def linux_uninstall(paths: LinuxPaths) -> Plan:
     return Plan(
         platform="linux",
+        action="uninstall",
         probe=linux_probe(),
         before=(_systemctl("disable", "--now", UNIT, may_fail=True),),
         files=(Remove(paths.unit),),
@@ -184,6 +211,10 @@ STATUS_PROPERTIES = ("LoadState", "ActiveState", "SubState", "MainPID", "ExecMai
 
 def linux_status() -> Command:
     return _systemctl("show", UNIT, "--property=" + ",".join(STATUS_PROPERTIES))
+
+
+def linux_restart() -> Command:
+    return _systemctl("restart", UNIT)
 
 
 def linux_logs(lines: int, follow: bool) -> Command:

@@ -36,6 +36,26 @@ def environment_line(name: str, value: str) -> str:
     return f'Environment="{_escape(f"{name}={value}")}"'
 
 
+def environment_of(unit_text: str) -> dict[str, str]:
+    """The Environment= assignments of a unit that unit() wrote, undoing environment_line()."""
+    found = {}
+    for line in unit_text.splitlines():
+        if not (line.startswith('Environment="') and line.endswith('"')):
+            continue
+        quoted, text, i = line[len('Environment="') : -1], [], 0
+        while i < len(quoted):
+            pair = quoted[i : i + 2]
+            if pair[0] == "\\" or pair == "%%":
+                text.append(pair[1:])
+                i += 2
+            else:
+                text.append(pair[0])
+                i += 1
+        name, _, value = "".join(text).partition("=")
+        found[name] = value
+    return found
+
+
 def unit(command: Sequence[str], environment: Mapping[str, str]) -> str:
     """The text of exod.service."""
     lines = [

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from tests import models
@@ -63,3 +66,78 @@ def test_demo_model_runs(exod: Daemon) -> None:
     (entry,) = listed["models"]
     assert entry["name"] == "demo"
     assert result.stdout == expected(Path(entry["path"]), PROMPT, 256, chat=True).stdout
+
+
+def test_a_registered_name_is_replaced_only_with_force(
+    exod: Daemon, qwen2: Path, llama: Path
+) -> None:
+    exod.ok("models", "add", "tiny", str(qwen2))
+    taken = exod.exoctl("models", "add", "tiny", str(llama))
+    assert (taken.code, taken.stdout, taken.stderr) == (
+        64,
+        b"",
+        f"exoctl: the name 'tiny' is already registered to {qwen2}: choose another name, or "
+        f"replace it with `exoctl models add tiny {llama} --force`.\n",
+    )
+    (listed,) = exod.ok("models", "list", "--json").json_lines()
+    assert [m["path"] for m in listed["models"]] == [str(qwen2)]
+    # The same directory again is no replacement: it is accepted.
+    assert exod.ok("models", "add", "tiny", str(qwen2)).text == f"added tiny: {qwen2}\n"
+    assert exod.ok("models", "add", "tiny", str(llama), "--force").text == f"added tiny: {llama}\n"
+    (listed,) = exod.ok("models", "list", "--json").json_lines()
+    assert [m["path"] for m in listed["models"]] == [str(llama)]
+
+
+def test_the_demo_model_does_not_take_a_registered_name(exod: Daemon, qwen2: Path) -> None:
+    exod.ok("models", "add", "demo", str(qwen2))
+    taken = exod.exoctl("models", "demo")
+    assert (taken.code, taken.stderr) == (
+        64,
+        f"exoctl: the name 'demo' is already registered to {qwen2}: choose another name with "
+        "`exoctl models demo --name NAME`, or replace it with "
+        "`exoctl models demo --name demo --force`.\n",
+    )
+    demo = exod.home / "models" / "demo"
+    assert not demo.exists()  # no model written that would not be registered
+    assert exod.ok("models", "demo", "--force").text.startswith(
+        f"registered demo model demo: {demo}\n"
+    )
+    exod.ok("models", "demo")  # again, to the same directory: fine
+
+
+def test_a_bare_word_that_names_a_directory_here_suggests_the_path(
+    exod: Daemon, qwen2: Path, tmp_path: Path
+) -> None:
+    here = tmp_path / "here"
+    shutil.copytree(qwen2, here / "tiny")
+
+    def run_here(model: str) -> subprocess.CompletedProcess[bytes]:
+        command = [sys.executable, "-m", "exoctl", "run", model, PROMPT, "--max-tokens", "4"]
+        return subprocess.run(
+            command, cwd=here, env=exod.base_env(), capture_output=True, check=False
+        )
+
+    result = run_here("tiny")
+    assert (result.returncode, result.stdout, result.stderr.decode()) == (
+        66,
+        b"",
+        "exoctl: model 'tiny' not found (a bare word is a registered name, never a directory). "
+        "to run the directory tiny here, write `exoctl run ./tiny`\n",
+    )
+    # What it says works.
+    result = run_here("./tiny")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected(qwen2, PROMPT, 4, chat=True).stdout
+
+
+def test_names_with_capitals_are_refused_with_the_lowercase_name(exod: Daemon, qwen2: Path) -> None:
+    for args in (
+        ("models", "add", "Tiny", str(qwen2)),
+        ("models", "rm", "Tiny"),
+        ("run", "Tiny", PROMPT),
+    ):
+        result = exod.exoctl(*args)
+        assert (result.code, result.stderr) == (
+            64,
+            "exoctl: model names are lowercase, and 'Tiny' is not. did you mean 'tiny'?\n",
+        ), args

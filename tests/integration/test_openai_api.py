@@ -198,13 +198,26 @@ def test_temperature_and_seed_repeat_the_clis_sample(exod: Daemon, port: int) ->
     assert cli != expected(models.demo_model("qwen2"), PROMPT, 24).text  # it did sample
 
 
-def test_chat_with_a_model_without_a_template_is_refused(port: int) -> None:
+def test_a_model_without_a_template_answers_chat_as_exoctl_run_does(
+    exod: Daemon, port: int
+) -> None:
     c = client(port)
+    # One user message goes as it is, as `exoctl run` (and mlx_lm.generate) send a prompt.
+    reply = c.chat.completions.create(
+        model="plain", messages=[{"role": "user", "content": PROMPT}], max_tokens=12
+    )
+    assert reply.choices[0].message.content == cli_text(exod, "plain", PROMPT, "--max-tokens", "12")
+    # Several messages cannot be joined without a template.
     with pytest.raises(openai.BadRequestError) as err:
         c.chat.completions.create(
-            model="plain", messages=[{"role": "user", "content": "Hi"}], max_tokens=5
+            model="plain",
+            messages=[
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+            ],
+            max_tokens=5,
         )
-    assert "chat template" in str(err.value)
+    assert "this model has no chat template" in str(err.value)
     assert err.value.code == "invalid_argument"
     # A completion needs no template.
     assert c.completions.create(model="plain", prompt=PROMPT, max_tokens=5).choices[0].text
@@ -259,6 +272,44 @@ def test_bad_requests_get_the_documented_answer_and_exod_keeps_serving(
     answer = request(port, "POST", "/v1/completions", good)
     assert answer.status == 200, answer
     assert answer.json()["choices"][0]["text"] == expected(models.demo_model(), PROMPT, 4).text
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "meant"),
+    [
+        ("GET", "/models", "/v1/models"),
+        ("POST", "/chat/completions", "/v1/chat/completions"),
+        ("GET", "/", "/v1/chat/completions"),
+    ],
+)
+def test_a_path_outside_v1_gets_openais_404_naming_the_path_meant(
+    port: int, method: str, path: str, meant: str
+) -> None:
+    body = {"model": "qwen", "messages": [{"role": "user", "content": "Hi"}]}
+    answer = request(port, method, path, body if method == "POST" else None)
+    assert answer.status == 404, answer
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.error == {
+        "message": f"no such path {path}; the API is under /v1, e.g. {meant} (an OpenAI "
+        "client's base URL ends in /v1)",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "not_found",
+    }
+
+
+def test_a_client_whose_base_url_lacks_v1_is_told_so(port: int) -> None:
+    """The mistake as a user makes it: the official client given the server's root."""
+    wrong = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{port}",
+        api_key="unused",
+        max_retries=0,
+        http_client=openai.DefaultHttpxClient(trust_env=False),
+    )
+    with pytest.raises(openai.NotFoundError) as raised:
+        wrong.models.list()
+    assert "the API is under /v1, e.g. /v1/models" in str(raised.value)
+    assert raised.value.code == "not_found"
 
 
 def test_a_foreign_host_is_refused_and_no_cors_is_offered(exod: Daemon, port: int) -> None:

@@ -28,7 +28,7 @@ def run_exod(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProc
     ("args", "env", "named"),
     [
         ((), {"EXOD_KILL_GRACE": "-1"}, "EXOD_KILL_GRACE"),  # a negative timeout
-        (("--idle-ttl=-5",), {}, "EXOD_IDLE_TTL (--idle-ttl)"),
+        (("--idle-ttl=-5",), {}, "--idle-ttl '-5'"),
         ((), {"EXOD_QUEUE_DEPTH": "many"}, "EXOD_QUEUE_DEPTH"),
         (("--no-such-flag",), {}, "--no-such-flag"),
     ],

@@ -1,6 +1,7 @@
-"""`exoctl service` for real, on a private HOME: what it writes, where, and how it ends when no
-service manager answers (as here: the tests point XDG_RUNTIME_DIR at an empty directory, so even
-on a desktop with a user systemd nothing real is started, stopped or enabled)."""
+"""`exoctl service` for real, on a private HOME: what it writes, where, what it refuses before
+writing anything, and how it ends when no service manager answers (as here: the tests point
+XDG_RUNTIME_DIR at an empty directory, so even on a desktop with a user systemd nothing real is
+started, stopped or enabled)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,20 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from exod.service import plan, systemd
-from exod.service.paths import LinuxPaths
-from tests.daemon import Daemon
+from exod.service.paths import LinuxPaths, MacPaths
+from tests.daemon import short_dir, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+# Writing systemd's files is for Linux; on a Mac, `--platform linux` works only with --dry-run.
+linux_only = pytest.mark.skipif(sys.platform == "darwin", reason="writes a systemd user unit")
 needs_systemd_analyze = pytest.mark.skipif(
     SYSTEMD_ANALYZE is None,
     reason="systemd-analyze is not installed; `./dev test` installs it when run as root on "
@@ -51,6 +55,11 @@ def exoctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
         check=False,
         stdin=subprocess.DEVNULL,
     )
+
+
+def state_dir(env: dict[str, str]) -> Path:
+    """exod's default home on Linux for this private user."""
+    return Path(env["HOME"]) / ".local" / "state" / "exod"
 
 
 def unit_paths(env: dict[str, str]) -> list[Path]:
@@ -107,6 +116,7 @@ def test_systemd_analyze_verify_finds_nothing_wrong_with_the_unit(tmp_path: Path
     assert result.returncode == 0, result.stderr
 
 
+@linux_only
 @needs_systemd_analyze
 def test_install_writes_the_unit_where_systemd_looks_and_uninstall_removes_it(
     tmp_path: Path,
@@ -120,17 +130,34 @@ def test_install_writes_the_unit_where_systemd_looks_and_uninstall_removes_it(
     assert installed.returncode == 69, installed
     assert installed.stdout == f"wrote {unit}\n"
     (line,) = installed.stderr.splitlines()
-    assert "no user service manager answers (`systemctl --user show-environment`" in line
-    assert "`systemctl --user enable --now exod.service`" in line
-    service = plan.service_for(BIN / "exod", {}, None)
-    assert unit.read_text() == systemd.unit([str(service.program)], {})
+    assert line.startswith(
+        "exoctl: wrote the service's files, but no user service manager answers "
+        "(`systemctl --user show-environment`: "
+    )
+    assert line.endswith(
+        "so exod was not started. where one runs, do: `systemctl --user daemon-reload`; "
+        "`systemctl --user enable --now exod.service`; until then, run exod by hand: `exod`"
+    )
+    # The home is written out: the service keeps the state dir this shell's exoctl looks in.
+    service = plan.service_for(BIN / "exod", {"EXOD_HOME": str(state_dir(env))}, None)
+    assert unit.read_text() == systemd.unit([str(service.program)], service.environment)
 
     removed = exoctl(env, "uninstall", "--platform", "linux")
     assert removed.returncode == 69, removed
     assert removed.stdout == f"removed {unit}\n"
+    (line,) = removed.stderr.splitlines()
+    assert line.startswith(
+        "exoctl: removed the service's files, but no user service manager answers "
+        "(`systemctl --user show-environment`: "
+    )
+    assert line.endswith(
+        "so nothing was stopped. where one runs, do: `systemctl --user daemon-reload`; "
+        "`systemctl --user reset-failed exod.service`"
+    )
     assert not unit.exists()
 
 
+@linux_only
 def test_install_carries_the_exod_settings_of_the_shell(tmp_path: Path) -> None:
     env = {**private_env(tmp_path), "EXOD_HOME": str(tmp_path / "data"), "EXOD_IDLE_TTL": "60"}
     assert exoctl(env, "install", "--platform", "linux").returncode == 69
@@ -139,29 +166,134 @@ def test_install_carries_the_exod_settings_of_the_shell(tmp_path: Path) -> None:
     assert 'Environment="EXOD_IDLE_TTL=60"\n' in unit
 
 
+@linux_only
+def test_relative_paths_are_baked_in_absolute_and_the_service_runs_there(
+    tmp_path: Path,
+) -> None:
+    # exoctl runs in tmp_path (see exoctl()); the service will run from / (or from HOME).
+    env = {**private_env(tmp_path), "EXOD_HOME": "state", "EXOD_HTTP_PORT": "0"}
+    assert exoctl(env, "install", "--platform", "linux").returncode == 69
+    given = systemd.environment_of(LinuxPaths.of(env).unit.read_text())
+    assert given == {"EXOD_HOME": str(tmp_path / "state"), "EXOD_HTTP_PORT": "0"}
+
+    # What the unit runs, from where systemd or launchd runs it, with what the unit gives it.
+    service_env = {"HOME": env["HOME"], "PATH": "/usr/bin:/bin", **given}
+    proc = subprocess.Popen(
+        [str(BIN / "exod")],
+        env=service_env,
+        cwd="/",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        lock = tmp_path / "state" / "exod.lock"
+        assert wait_until((tmp_path / "state" / "exod.sock").exists, 30.0), proc
+        assert lock.read_text() == f"{proc.pid}\n"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("EXOD_KILL_GRACE", "-1"),
+        ("EXOD_QUEUE_DEPTH", "many"),
+        ("EXOD_HOME", ""),
+        ("EXOD_HTTP_BIND", "0.0.0.0"),  # beyond loopback, and no key
+    ],
+)
+def test_settings_exod_would_refuse_are_refused_before_anything_is_written(
+    tmp_path: Path, setting: str, value: str, dry_run: bool
+) -> None:
+    env = {**private_env(tmp_path), setting: value}
+    result = exoctl(env, "install", *(["--dry-run"] if dry_run else []))
+    assert result.returncode == 78, result
+    assert result.stdout == ""
+    # exod's own words for the same settings, after its own prefix.
+    exod = subprocess.run(
+        [str(BIN / "exod")], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert exod.returncode == 78, exod
+    said = exod.stderr.strip().removeprefix("exod: ").rstrip(".")
+    assert result.stderr == (
+        f"exoctl: the service's exod would not start: {said}. nothing was installed; fix the "
+        "setting (`exod --help` lists them), then run `exoctl service install` again\n"
+    )
+    assert not Path(env["HOME"]).exists()  # no unit, no plist, no directory, no state dir
+
+
+def test_exods_flags_given_to_install_are_checked_and_baked_in(tmp_path: Path) -> None:
+    env = {**private_env(tmp_path), "EXOD_IDLE_TTL": "5"}
+    refused = exoctl(env, "install", "--home", "state", "--idle-ttl=-5")
+    assert refused.returncode == 78, refused
+    exod = subprocess.run(
+        [str(BIN / "exod"), "--idle-ttl=-5"], env=env, capture_output=True, text=True, check=False
+    )
+    said = exod.stderr.strip().removeprefix("exod: ").rstrip(".")
+    assert said.startswith("invalid --idle-ttl")  # the flag that was typed, as exod names it
+    (line,) = refused.stderr.splitlines()
+    assert line.startswith(f"exoctl: the service's exod would not start: {said}. ")
+    assert not Path(env["HOME"]).exists()
+
+    # A flag wins over the shell's variable, and a relative path is made absolute.
+    shown = exoctl(env, "install", "--dry-run", "--home", "state", "--idle-ttl", "60")
+    assert shown.returncode == 0, shown
+    unit = written_file(shown.stdout, LinuxPaths.of(env).unit)
+    assert systemd.environment_of(unit) == {
+        "EXOD_HOME": str(tmp_path / "state"),  # exoctl ran in tmp_path
+        "EXOD_IDLE_TTL": "60",
+    }
+
+
+def test_uninstall_with_nothing_installed_says_so_and_succeeds(tmp_path: Path) -> None:
+    env = private_env(tmp_path)
+    result = exoctl(env, "uninstall")
+    assert result.returncode == 0, result
+    assert result.stdout == ""
+    if sys.platform == "darwin":
+        paths = MacPaths.of(env)
+        missing = f"{paths.agent} nor {paths.bundle}"
+    else:
+        missing = str(LinuxPaths.of(env).unit)
+    assert result.stderr == (
+        f"exoctl: exod is not installed as a service (there is no {missing}): nothing to remove\n"
+    )
+    assert not Path(env["HOME"]).exists()
+
+
 # --- macOS, on any machine ------------------------------------------------------------------------
 
 
-def test_macos_install_and_uninstall_on_a_private_home(tmp_path: Path) -> None:
-    env = private_env(tmp_path)
-    home = tmp_path / "home"
-    agent = home / "Library" / "LaunchAgents" / "org.exod.daemon.plist"
-    app = home / "Applications" / "exod.app"
+@pytest.fixture
+def short_home() -> Iterator[Path]:
+    """A HOME short enough for a socket in ~/Library/Application Support/exod (103 bytes)."""
+    parent = short_dir()
+    yield parent / "h"
+    shutil.rmtree(parent)
 
-    installed = exoctl(env, "install", "--platform", "macos")
-    if sys.platform != "darwin":
-        assert installed.returncode == 69, installed
-        assert "no user service manager answers (`launchctl print gui/" in installed.stderr
-    launcher = Path(plistlib.loads(agent.read_bytes())["ProgramArguments"][0])
-    assert launcher == app / "Contents" / "MacOS" / "exod-launcher"
-    assert os.access(launcher, os.X_OK)
-    assert plistlib.loads((app / "Contents" / "Info.plist").read_bytes())["NSBonjourServices"]
-    assert (home / "Library" / "Logs" / "exod").is_dir()
 
-    removed = exoctl(env, "uninstall", "--platform", "macos")
-    assert removed.returncode == (0 if sys.platform == "darwin" else 69), removed
-    assert not agent.exists()
-    assert not app.exists()
+def test_macos_dry_run_on_a_private_home_shows_the_bundle_and_the_agent(
+    tmp_path: Path, short_home: Path
+) -> None:
+    env = {**private_env(tmp_path), "HOME": str(short_home)}
+    paths = MacPaths.of(env)
+    shown = exoctl(env, "install", "--dry-run", "--platform", "macos")
+    assert shown.returncode == 0, shown
+    agent = plistlib.loads(written_file(shown.stdout, paths.agent).encode())
+    assert agent["ProgramArguments"] == [str(paths.launcher)]
+    # macOS's own default home, written out, whatever machine rendered it.
+    home = Path(env["HOME"]) / "Library" / "Application Support" / "exod"
+    assert agent["EnvironmentVariables"]["EXOD_HOME"] == str(home)
+    assert f"write  {paths.launcher} (mode 755):" in shown.stdout.splitlines()
+    info_plist = written_file(shown.stdout, paths.bundle / "Contents" / "Info.plist")
+    info = plistlib.loads(info_plist.encode())
+    assert info["NSBonjourServices"]
+    assert f"mkdir  {paths.log.parent}" in shown.stdout.splitlines()
+    assert not short_home.exists()
 
 
 # --- dry runs, anywhere ---------------------------------------------------------------------------
@@ -176,16 +308,20 @@ def test_macos_install_and_uninstall_on_a_private_home(tmp_path: Path) -> None:
 )
 @pytest.mark.parametrize("command", ["install", "uninstall", "status", "logs"])
 def test_dry_run_prints_and_changes_nothing(
-    tmp_path: Path, platform: str, expected: list[str], command: str
+    tmp_path: Path, short_home: Path, platform: str, expected: list[str], command: str
 ) -> None:
-    env = private_env(tmp_path)
+    env = {**private_env(tmp_path), "HOME": str(short_home)}
     result = exoctl(env, command, "--dry-run", "--platform", platform)
     assert result.returncode == 0, result
-    assert result.stdout
+    if command == "uninstall":  # nothing is installed, so there is nothing it would remove
+        assert result.stdout == ""
+        assert result.stderr.startswith("exoctl: exod is not installed as a service")
+    else:
+        assert result.stdout
     if command == "install":
         for text in expected:
             assert text in result.stdout
-    assert not (tmp_path / "home").exists()
+    assert not short_home.exists()
 
 
 def test_from_source_runs_the_checkouts_code_with_no_build_step(tmp_path: Path) -> None:
@@ -235,21 +371,46 @@ def test_from_source_outside_a_checkout_is_a_usage_error(tmp_path: Path) -> None
 
 
 def test_status_says_how_to_start_exod_when_nothing_runs(tmp_path: Path) -> None:
-    result = exoctl(private_env(tmp_path), "status", "--platform", "linux")
+    result = exoctl(private_env(tmp_path), "status")
     assert result.returncode == 69, result
     assert "installed no:" in result.stdout
     assert "exod      unreachable on " in result.stdout
     (line,) = result.stderr.splitlines()
-    assert "start it with `exoctl service install`" in line
+    assert line.startswith("exoctl: exod is not running and is not installed as a service")
+    assert line.endswith("(`exod`, in the foreground); for a service, see docs/install.md")
 
 
-def test_status_reports_a_running_exod_as_serving(tmp_path: Path, exod: Daemon) -> None:
-    env = {**private_env(tmp_path), "EXOD_SOCKET": str(exod.socket)}
-    result = exoctl(env, "status", "--platform", "linux", "--json")
-    assert result.returncode == 0, result
+@linux_only
+def test_status_of_an_installed_service_with_no_manager_is_69(tmp_path: Path) -> None:
+    env = {**private_env(tmp_path), "EXOD_HOME": str(tmp_path / "data")}
+    assert exoctl(env, "install").returncode == 69
+    # A shell without the setting: status still looks where the installed service runs.
+    del env["EXOD_HOME"]
+    result = exoctl(env, "status", "--json")
+    assert result.returncode == 69, result
     report = json.loads(result.stdout)
-    assert report["exod"] == "serving"
-    assert report["socket"] == str(exod.socket)
-    assert report["installed"] is False
+    assert report["installed"] is True
+    assert report["home"] == str(tmp_path / "data")
+    assert report["socket"] == str(tmp_path / "data" / "exod.sock")
     assert report["manager"]["reachable"] is False
-    assert report["local_network_denied"] is False
+    assert (report["exod"], report["exod_pid"], report["started_by"]) == ("unreachable", None, None)
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("exoctl: the service is installed, but no user service manager answers")
+    assert line.endswith(
+        "so exod is not running. run exod by hand (`exod`), or see docs/install.md"
+    )
+
+
+@linux_only
+def test_logs_with_no_manager_exit_69_and_say_where_the_log_is(tmp_path: Path) -> None:
+    env = {**private_env(tmp_path), "EXOD_HOME": str(tmp_path / "data")}
+    result = exoctl(env, "logs")
+    assert result.returncode == 69, result
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("exoctl: no user service manager answers (")
+    assert line.endswith(
+        "so there is no service log. an exod started by hand logs to its own stderr; its "
+        f"runners log to {tmp_path / 'data' / 'runners'}"
+    )
+    assert not (tmp_path / "data").exists()

@@ -6,6 +6,7 @@ against no daemon at all or against a small in-process fake of exod's Control se
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
@@ -104,6 +105,11 @@ def test_reason_of_reads_str_and_bytes() -> None:
 def test_one_line_joins_and_flattens() -> None:
     assert one_line("it broke.\nbadly", "fix it") == "it broke. badly. fix it"
     assert one_line("cancelled", "") == "cancelled."
+
+
+def test_one_line_keeps_a_question_without_adding_a_period() -> None:
+    assert one_line("Did you mean 'status'?", "see help") == "Did you mean 'status'? see help"
+    assert one_line("stop!", "") == "stop!"
 
 
 Metadatum = namedtuple("Metadatum", ["key", "value"])  # what gRPC hands out at run time
@@ -271,6 +277,8 @@ class FakeControl(control_pb2_grpc.ControlServicer):
     def Run(self, request: control_pb2.RunRequest, context: Any) -> Iterator[control_pb2.RunReply]:
         self.run_requests.append(request)
         self.api_versions += [v for k, v in context.invocation_metadata() if k == "exo-api-version"]
+        if request.model == "missing":
+            self._fail(context, grpc.StatusCode.NOT_FOUND, "model_not_found", "no model 'missing'")
         yield control_pb2.RunReply(started=control_pb2.RunStarted(run_id="u", runner_id="r-1"))
         yield control_pb2.RunReply(tokens=control_pb2.TokenChunk(text="Hel"))
         yield control_pb2.RunReply(tokens=control_pb2.TokenChunk(text="lo"))
@@ -403,5 +411,124 @@ def test_status_warns_once_about_another_api_version(fake: tuple[FakeControl, st
 def test_events_that_lose_exod_midway_are_69(fake: tuple[FakeControl, str]) -> None:
     _, socket = fake
     result = invoke("events", "--follow", "--since", "4", "--socket", socket)
-    assert result.stdout.startswith("5  1970-01-01T00:00:00.000000Z  NodeStarted")
+    assert result.stdout.startswith("5  1970-01-01T00:00:00.000Z  NodeStarted")
     assert_fails(result, 69, "exod went away")
+
+
+# --- messages that say what to do ---------------------------------------------------------------
+
+
+def assert_says(result: Result, code: int, line: str) -> None:
+    """The command failed with `code` and exactly this one stderr line."""
+    assert (result.exit_code, result.stderr) == (code, f"exoctl: {line}\n"), result.exception
+
+
+def test_a_mistyped_command_gets_clicks_suggestion_unmangled() -> None:
+    assert_says(
+        invoke("stauts"), 64, "No such command 'stauts'. Did you mean 'status'? see `exoctl --help`"
+    )
+
+
+@pytest.mark.usefixtures("no_connection")
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--json", "status"], "--json goes after the command. try `exoctl status --json`"),
+        (
+            ["--socket", "/tmp/x.sock", "status"],
+            "--socket goes after the command. try `exoctl status --socket /tmp/x.sock`",
+        ),
+        (
+            ["--socket=/tmp/x.sock", "kill", "--all"],
+            "--socket goes after the command. try `exoctl kill --socket=/tmp/x.sock --all`",
+        ),
+        (["-f", "events"], "-f goes after the command. try `exoctl events -f`"),
+        (["--all", "kill"], "--all goes after the command. try `exoctl kill --all`"),
+        (
+            ["--json", "models", "list"],
+            "--json goes after the command. try `exoctl models list --json`",
+        ),
+        (
+            ["models", "--json", "list"],
+            "--json goes after the command. try `exoctl models list --json`",
+        ),
+        (
+            ["--json", "run", "demo", "hi there"],
+            "--json goes after the command. try `exoctl run --json demo 'hi there'`",
+        ),
+        (["--json"], "--json goes after a command's name. e.g. `exoctl events --json`"),
+        (
+            ["status", "--version"],
+            "--version is an option of exoctl itself, not of status. try `exoctl --version`",
+        ),
+        # An option that no command has: click's own words.
+        (["--follow", "status"], "No such option '--follow'. see `exoctl --help`"),
+    ],
+)
+def test_an_option_on_the_wrong_side_of_the_command_says_where_it_goes(
+    args: list[str], line: str
+) -> None:
+    assert_says(invoke(*args), 64, line)
+
+
+@pytest.mark.usefixtures("no_connection")
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "Demo", "hi"],
+        ["models", "add", "Demo", "/tmp"],
+        ["models", "rm", "Demo"],
+        ["models", "demo", "--name", "Demo"],
+    ],
+)
+def test_a_name_with_capitals_says_names_are_lowercase(args: list[str]) -> None:
+    result = invoke(*args, "--socket", SOCKET)
+    assert_says(result, 64, "model names are lowercase, and 'Demo' is not. did you mean 'demo'?")
+
+
+@pytest.mark.usefixtures("no_connection")
+def test_a_bare_word_that_is_no_name_but_a_directory_here_suggests_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "My Model").mkdir()
+    (tmp_path / "Qwen3").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert_says(
+        invoke("run", "My Model", "hi", "--socket", SOCKET),
+        64,
+        "'My Model' is not a model name, but a directory of that name is here. "
+        "to run the directory, write `exoctl run './My Model'`",
+    )
+    assert_says(
+        invoke("run", "Qwen3", "hi", "--socket", SOCKET),
+        64,
+        "'Qwen3' is not a model name (names are lowercase), but a directory of that name is "
+        "here. to run the directory, write `exoctl run ./Qwen3`",
+    )
+
+
+def test_an_unknown_name_that_is_a_directory_here_suggests_the_path(
+    fake: tuple[FakeControl, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, socket = fake
+    line = (
+        "model 'missing' not found (a bare word is a registered name, never a directory). "
+        "to run the directory missing here, write `exoctl run ./missing`"
+    )
+    monkeypatch.chdir(tmp_path)
+    # Without such a directory, exod's words stand.
+    assert_says(
+        invoke("run", "missing", "hi", "--socket", socket),
+        66,
+        "no model 'missing'. check the name with `exoctl models list`",
+    )
+    (tmp_path / "missing").mkdir()
+    assert_says(invoke("run", "missing", "hi", "--socket", socket), 66, line)
+    result = invoke("run", "missing", "hi", "--json", "--socket", socket)
+    assert result.exit_code == 66
+    assert json.loads(result.stdout) == {
+        "type": "error",
+        "reason": "model_not_found",
+        "message": line,
+        "exit_code": 66,
+    }

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import pytest
@@ -41,11 +43,12 @@ def test_socket_defaults_into_home() -> None:
         ("home", ""),
     ],
 )
-def test_invalid_values_are_config_errors_naming_the_variable(name: str, value: str) -> None:
-    with pytest.raises(config.ConfigError) as err:
+def test_invalid_values_are_config_errors_naming_what_was_set(name: str, value: str) -> None:
+    setting = next(s for s in config.SETTINGS if s.name == name)
+    with pytest.raises(config.ConfigError, match=f"^invalid {setting.flag} "):
         config.load({name: value}, {"HOME": "/h"})
-    env = next(s.env for s in config.SETTINGS if s.name == name)
-    assert env in str(err.value)
+    with pytest.raises(config.ConfigError, match=f"^invalid {setting.env} "):
+        config.load({}, {"HOME": "/h", setting.env: value})
 
 
 def test_too_long_socket_path_is_a_config_error() -> None:
@@ -57,3 +60,146 @@ def test_every_setting_is_documented() -> None:
     doc = (ROOT / "docs" / "configuration.md").read_text()
     for s in config.SETTINGS:
         assert f"`{s.env}`" in doc and f"`{s.flag}`" in doc, s.env
+
+
+# ---- what an invalid value is told ----
+
+ENV = {"HOME": "/h"}
+# Python's own words for a failed conversion, which must never reach the user.
+PYTHON_WORDS = ("could not convert", "invalid literal", "does not appear to be", "No closing")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("idle_ttl", "abc", "expected seconds, 0 or more, e.g. 300"),
+        ("idle_ttl", "-1", "expected seconds, 0 or more, e.g. 300"),
+        ("kill_grace", "nan", "expected seconds, 0 or more"),
+        ("load_timeout", "0", "expected seconds, more than 0, e.g. 60"),
+        ("queue_timeout", "soon", "expected seconds, more than 0"),
+        ("queue_depth", "1.5", "expected a whole number, 1 or more, e.g. 16"),
+        ("snapshot_every", "0", "expected a whole number, 1 or more"),
+        ("log_level", "loud", "expected one of debug, info, warning, error"),
+        ("max_runner_memory", "lots", "expected a size such as 8G, 512M or 1073741824"),
+        ("max_runner_memory", "abc%", "or a percentage of RAM above 0 and at most 100"),
+        ("max_runner_memory", "150%", "or a percentage of RAM above 0 and at most 100"),
+        ("max_runner_memory", "0", "a cap of 0 would refuse every model"),
+        ("reserved_memory", "8X", "expected a size such as 8G"),
+        ("runner_wrapper", "nice 'x", "expected a command prefix split like a shell would"),
+        ("http_port", "http", "expected a TCP port, 1 to 65535, or 0 to turn the HTTP API off"),
+        ("http_port", "70000", "expected a TCP port"),
+        ("http_bind", "localhost", "expected an IP address such as 127.0.0.1"),
+        ("http_hosts", "a b", "expected host names separated by commas"),
+        ("http_max_body", "10%", "expected a size in bytes, at least 1, such as 4M"),
+        ("http_max_body", "0", "expected a size in bytes"),
+        ("home", "", "expected a path, not an empty value"),
+    ],
+)
+def test_an_invalid_value_says_what_a_valid_one_looks_like(
+    name: str, value: str, expected: str
+) -> None:
+    s = next(s for s in config.SETTINGS if s.name == name)
+    with pytest.raises(config.ConfigError) as as_flag:
+        config.load({name: value}, ENV)
+    with pytest.raises(config.ConfigError) as as_env:
+        config.load({}, {**ENV, s.env: value})
+    # Named once, as the user gave it: the flag, or the variable.
+    assert str(as_flag.value).startswith(f"invalid {s.flag} {value!r}: ")
+    assert s.env not in str(as_flag.value)
+    assert str(as_env.value).startswith(f"invalid {s.env} {value!r}: ")
+    assert s.flag not in str(as_env.value)
+    for message in (str(as_flag.value), str(as_env.value)):
+        assert expected in message
+        assert "\n" not in message
+        assert not any(words in message for words in PYTHON_WORDS), message
+
+
+def test_a_flag_wins_so_its_name_is_the_one_reported() -> None:
+    with pytest.raises(config.ConfigError, match=r"^invalid --idle-ttl 'x': "):
+        config.load({"idle_ttl": "x"}, {**ENV, "EXOD_IDLE_TTL": "5"})
+
+
+def test_the_key_requirement_names_the_bind_as_it_was_given() -> None:
+    with pytest.raises(config.ConfigError, match=r"^--http-bind 0\.0\.0\.0 is reachable"):
+        config.load({"http_bind": "0.0.0.0"}, ENV)
+    with pytest.raises(config.ConfigError, match=r"^EXOD_HTTP_BIND 0\.0\.0\.0 is reachable"):
+        config.load({}, {**ENV, "EXOD_HTTP_BIND": "0.0.0.0"})
+
+
+def test_memory_sizes_and_percentages_parse() -> None:
+    assert config.parse_memory("8G", 0) == 8 << 30
+    assert config.parse_memory("512MiB", 0) == 512 << 20
+    assert config.parse_memory("1073741824", 0) == 1 << 30
+    assert config.parse_memory(" 75 % ", 1000) == 750
+    for bad in ("abc%", "0%", "101%", "%", "8X", ""):
+        with pytest.raises(ValueError):
+            config.parse_memory(bad, 1000)
+
+
+def _doc_defaults() -> dict[str, str]:
+    """EXOD_X -> the default cell of docs/configuration.md's table."""
+    rows = {}
+    for line in (ROOT / "docs" / "configuration.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`EXOD_"):
+            rows[cells[0].strip("`")] = cells[2]
+    return rows
+
+
+@pytest.mark.parametrize("setting", [s for s in config.SETTINGS if s.default(ENV)], ids=str)
+def test_the_docs_give_the_default_that_exod_help_gives(setting: config.Setting) -> None:
+    if setting.name == "home":  # the platform's state dir: the docs spell out each platform
+        return
+    assert _doc_defaults()[setting.env] == f"`{setting.default(ENV)}`"
+
+
+def test_help_and_docs_say_reserved_memory_is_checked_when_a_runner_starts() -> None:
+    """What the admission code does with it (exod/runners/admission.py), in both texts."""
+    help_ = next(s.help for s in config.SETTINGS if s.name == "reserved_memory")
+    doc = next(
+        line
+        for line in (ROOT / "docs" / "configuration.md").read_text().splitlines()
+        if line.startswith("| `EXOD_RESERVED_MEMORY`")
+    )
+    assert "when a runner is started" in help_ and "evicts idle runners" in help_
+    assert "when a new runner is to be started" in doc and "evicts idle runners" in doc
+    assert "waits" not in help_  # it never waits: it evicts or refuses at once
+
+
+# ---- exod's command line ----
+
+
+def _exod_args(*argv: str) -> tuple[int, str]:
+    from exod.__main__ import parse
+
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as exited, contextlib.redirect_stderr(err):
+        parse(list(argv))
+    return int(exited.value.code or 0), err.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (("--idle-tt", "5"), "exod: unknown option --idle-tt; did you mean --idle-ttl?"),
+        (("--idle-tt=5",), "exod: unknown option --idle-tt; did you mean --idle-ttl?"),
+        (("--hom", "/x"), "exod: unknown option --hom; did you mean --home?"),
+        (("--http",), "exod: unknown option --http; did you mean --http-port?"),
+        (("--zzz",), "exod: unknown option --zzz"),
+        (("serve",), "exod: unexpected argument 'serve': exod takes only options"),
+        (("--idle-ttl",), "exod: --idle-ttl needs a value"),
+    ],
+)
+def test_exod_refuses_abbreviated_and_unknown_options_with_78(
+    argv: tuple[str, ...], line: str
+) -> None:
+    code, err = _exod_args(*argv)
+    assert code == 78
+    assert err == f"{line} (see exod --help)\n"
+
+
+def test_exod_takes_full_options() -> None:
+    from exod.__main__ import parse
+
+    flags = parse(["--idle-ttl", "5", "--home=/x"])
+    assert (flags["idle_ttl"], flags["home"], flags["socket"]) == ("5", "/x", None)

@@ -117,6 +117,7 @@ def test_a_spawned_runner_is_spawning_with_its_process_identity() -> None:
             spawned_at=101.0,
             ended_at=None,
             last_error=None,
+            end_reason="",
         )
     }
 
@@ -133,13 +134,15 @@ def test_a_failed_runner_keeps_the_reason_detail_and_time_it_ended() -> None:
     assert runner.state == "failed"
     assert runner.ended_at == 103.0
     assert runner.last_error == ErrorView(reason="memory_limit", detail="9 GiB > 8")
+    assert runner.end_reason == "memory_limit"
 
 
 @pytest.mark.parametrize("reason", ["killed", "idle", "daemon_stopped", "evicted", "interrupted"])
-def test_a_stopped_runner_has_no_error_whatever_the_reason(reason: str) -> None:
+def test_a_stopped_runner_has_no_error_but_keeps_why_it_stopped(reason: str) -> None:
     state = fold(records(spawned("r1"), ready("r1"), stopped("r1", reason)))
     runner = state.runners["r1"]
     assert (runner.state, runner.ended_at, runner.last_error) == ("stopped", 103.0, None)
+    assert runner.end_reason == reason
 
 
 def test_a_runner_can_stop_before_it_was_ready() -> None:
@@ -374,6 +377,7 @@ def _runner_json(**change: object) -> bytes:
         "spawned_at": 1.0,
         "ended_at": None,
         "last_error": None,
+        "end_reason": "",
     }
     runner.update(change)
     doc = {"last_seq": 1, "starts": 0, "runners": [runner], "runs": [], "models": []}
@@ -399,6 +403,7 @@ def test_the_runner_document_used_below_is_valid() -> None:
         _runner_json(spawned_at="yesterday"),
         _runner_json(last_error={"reason": "crashed"}),
         _runner_json(last_error="crashed"),
+        _runner_json(end_reason=None),
     ],
 )
 def test_decoding_anything_but_an_encoded_state_is_a_value_error(data: bytes) -> None:

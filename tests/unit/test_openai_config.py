@@ -58,7 +58,7 @@ def test_values_are_parsed() -> None:
 def test_invalid_values_name_their_variable(name: str, value: str) -> None:
     env = next(s.env for s in config.SETTINGS if s.name == name)
     with pytest.raises(config.ConfigError, match=env):
-        config.load({name: value}, ENV)
+        config.load({}, {**ENV, env: value})
 
 
 @pytest.mark.parametrize("bind", ["0.0.0.0", "::", "192.168.1.10", "fd00::2"])

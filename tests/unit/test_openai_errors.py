@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from exod.errors import REASONS, ExoError
+from exod.openai.app import no_such_path
 from exod.openai.errors import STATUSES, HttpError, error_type, from_exo
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,3 +124,27 @@ def test_a_reason_missing_from_the_table_falls_back_on_its_grpc_code(
     assert from_exo(ExoError("load_stall", "m")).status == 504
     monkeypatch.delitem(STATUSES, "internal")
     assert from_exo(ExoError("internal", "m")).status == 500
+
+
+@pytest.mark.parametrize(
+    ("path", "meant"),
+    [
+        ("/models", "/v1/models"),
+        ("/models/qwen", "/v1/models/qwen"),
+        ("/chat/completions", "/v1/chat/completions"),
+        ("/completions/", "/v1/completions"),
+        ("/", "/v1/chat/completions"),
+        ("/api/generate", "/v1/chat/completions"),
+    ],
+)
+def test_a_path_outside_v1_is_told_the_path_meant(path: str, meant: str) -> None:
+    err = no_such_path(path)
+    assert (err.status, err.code) == (404, "not_found")
+    assert f"the API is under /v1, e.g. {meant} " in err.message
+    assert err.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_an_unknown_path_under_v1_lists_the_api() -> None:
+    assert no_such_path("/v1/embeddings").message == (
+        "no such path /v1/embeddings: the API has /v1/models, /v1/chat/completions, /v1/completions"
+    )

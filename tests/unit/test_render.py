@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
+import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from exoctl import render
@@ -13,6 +15,7 @@ from exoctl.run import RunOutput
 from exoctl.terminal import StatusLine
 from exod import API_VERSION
 from exod.errors import Exit
+from exod.eventlog.fold import MAX_ENDED_RUNNERS
 from exod.proto.exo.v1 import control_pb2, events_pb2
 
 
@@ -43,9 +46,22 @@ def _status() -> control_pb2.StatusReply:
                 last_error=control_pb2.ErrorInfo(
                     reason="load_stall", detail="no progress\nfor 30 s"
                 ),
+                end_reason="load_stall",
+                ended_at=Timestamp(seconds=int(NOW) - 192),
+            ),
+            control_pb2.RunnerInfo(
+                id="r-3",
+                model="demo",
+                state="stopped",
+                end_reason="idle",
+                ended_at=Timestamp(seconds=int(NOW) - 7384),
             ),
         ],
     )
+
+
+# The moment the status above is shown at.
+NOW = 1795756484.0
 
 
 def _record(event: events_pb2.Event, kind: str = "") -> control_pb2.EventRecord:
@@ -83,6 +99,36 @@ def test_human_duration_shows_two_units() -> None:
     assert render.human_duration(4 * 86400 + 7 * 3600) == "4d07h"
 
 
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (1795756484.123456, "2026-11-27T05:14:44.123Z"),
+        (1795756484.9996, "2026-11-27T05:14:45.000Z"),  # rounds up into the next second
+        (0, "1970-01-01T00:00:00.000Z"),
+    ],
+)
+def test_utc_time_is_utc_to_the_millisecond(seconds: float, text: str) -> None:
+    assert render.utc_time(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (2.0011227029999645, "2.001"),
+        (0.0282660820001, "0.02827"),
+        (797.5, "797.5"),
+        (12345.6, "12346"),
+        (1.796e9, "1796000000"),
+        (0.5, "0.5"),
+        (0.0, "0"),
+        (-3.25, "-3.25"),
+        (float("inf"), "inf"),
+    ],
+)
+def test_plain_number_has_four_significant_digits_and_no_exponent(value: float, text: str) -> None:
+    assert render.plain_number(value) == text
+
+
 def test_rfc3339_is_utc_with_microseconds() -> None:
     assert render.rfc3339(Timestamp(seconds=1795756484, nanos=123456789)) == (
         "2026-11-27T05:14:44.123456Z"
@@ -103,28 +149,83 @@ def test_cut_keeps_one_line_and_marks_the_cut() -> None:
 # --- status -------------------------------------------------------------------------------------
 
 
-def test_status_lines_have_a_header_and_the_runner_columns() -> None:
-    lines = render.status_lines(_status())
-    assert lines[0] == (
-        "exod 0.1.0 (api 1)  node n-7f3a  pid 4242  up 2h03m  home /home/u/.local/state/exod"
+def test_status_lines_show_the_live_runners_and_count_the_ended_ones() -> None:
+    assert render.status_lines(_status(), show_all=False, now=NOW) == [
+        "exod 0.1.0 (api 1)  node n-7f3a  pid 4242  up 2h03m  home /home/u/.local/state/exod",
+        "ID   MODEL  STATE  PID  MEMORY",
+        "r-1  demo   ready  999  1.5 GiB",
+        "2 ended runners not shown; `exoctl status --all` shows why they ended",
+    ]
+
+
+def test_status_lines_with_all_say_when_and_why_each_runner_ended() -> None:
+    assert render.status_lines(_status(), show_all=True, now=NOW)[1:] == [
+        "ID    MODEL  STATE    PID  MEMORY   ENDED      WHY",
+        "r-1   demo   ready    999  1.5 GiB  -          -",
+        "r-22  qwen   failed   -    -        3m12s ago  load_stall: no progress for 30 s",
+        "r-3   demo   stopped  -    -        2h03m ago  idle: unused for EXOD_IDLE_TTL",
+    ]
+
+
+def test_an_ended_runner_shows_no_pid_even_if_exod_sent_one() -> None:
+    reply = control_pb2.StatusReply(
+        runners=[control_pb2.RunnerInfo(id="r-9", state="stopped", pid=77)]
     )
-    assert lines[1].split() == ["ID", "MODEL", "STATE", "PID", "MEMORY", "LAST", "ERROR"]
-    assert lines[2].split() == ["r-1", "demo", "ready", "999", "1.5", "GiB", "-"]
-    assert lines[3].split("  ")[0] == "r-22"
-    assert lines[3].endswith("load_stall: no progress for 30 s")
-    # Columns line up: each row's MEMORY starts where the header's does.
-    column = lines[1].index("MEMORY")
-    assert lines[2][column:].startswith("1.5 GiB")
-    assert lines[3][column] == "-"
+    assert render.status_lines(reply, show_all=True, now=NOW)[-1].split() == [
+        "r-9",
+        "stopped",
+        "-",
+        "-",
+        "-",
+        "-",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("state", "reason", "detail", "why"),
+    [
+        ("stopped", "idle", "", "idle: unused for EXOD_IDLE_TTL"),
+        ("stopped", "killed", "", "killed: by `exoctl kill`"),
+        ("stopped", "evicted", "", "evicted: to make room for another model"),
+        ("stopped", "daemon_stopped", "", "daemon_stopped: exod stopped"),
+        ("stopped", "something_new", "", "something_new"),  # from a newer exod
+        ("stopped", "", "", ""),  # its end could not be logged
+        ("failed", "crashed", "signal 9", "crashed: signal 9"),
+        ("failed", "memory_limit", "", "memory_limit: memory limit hit"),
+        ("ready", "", "", ""),
+    ],
+)
+def test_why_a_runner_ended(state: str, reason: str, detail: str, why: str) -> None:
+    runner = control_pb2.RunnerInfo(id="r", state=state, end_reason=reason)
+    if state == "failed":
+        runner.last_error.CopyFrom(control_pb2.ErrorInfo(reason=reason, detail=detail))
+    assert render.why_ended(runner) == why
 
 
 def test_status_lines_without_runners() -> None:
     reply = _status()
     del reply.runners[:]
-    assert render.status_lines(reply)[1:] == ["no runners"]
+    assert render.status_lines(reply, show_all=False, now=NOW)[1:] == ["no runners"]
+    assert render.status_lines(reply, show_all=True, now=NOW)[1:] == ["no runners"]
 
 
-def test_status_json_has_the_documented_shape() -> None:
+def test_status_lines_when_every_runner_ended() -> None:
+    reply = _status()
+    del reply.runners[0]
+    del reply.runners[1]
+    assert render.status_lines(reply, show_all=False, now=NOW)[1:] == [
+        "no runners running",
+        "1 ended runner not shown; `exoctl status --all` shows why it ended",
+    ]
+
+
+def test_the_docs_say_how_many_ended_runners_exod_keeps() -> None:
+    docs = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
+    text = " ".join(docs.read_text().split())  # whatever the line breaks
+    assert f"**{MAX_ENDED_RUNNERS} most recently ended runners**" in text
+
+
+def test_status_json_has_the_documented_shape_and_every_runner() -> None:
     obj = render.status_json(_status())
     assert json.loads(render.json_line(obj)) == obj
     assert set(obj) == {
@@ -138,7 +239,7 @@ def test_status_json_has_the_documented_shape() -> None:
         "warnings",
         "runners",
     }
-    ready, failed = obj["runners"]
+    ready, failed, stopped = obj["runners"]
     assert ready == {
         "id": "r-1",
         "model": "demo",
@@ -149,8 +250,20 @@ def test_status_json_has_the_documented_shape() -> None:
         "queued": 2,
         "idle_s": 1.5,
         "model_path": "/m/demo",
+        "end_reason": None,
+        "ended_at": None,
     }
     assert failed["last_error"] == {"reason": "load_stall", "detail": "no progress\nfor 30 s"}
+    assert (failed["end_reason"], failed["ended_at"]) == (
+        "load_stall",
+        "2026-11-27T05:11:32.000000Z",
+    )
+    assert (stopped["state"], stopped["pid"], stopped["last_error"], stopped["end_reason"]) == (
+        "stopped",
+        0,
+        None,
+        "idle",
+    )
 
 
 def test_api_version_warning_only_on_a_mismatch() -> None:
@@ -203,7 +316,7 @@ def test_event_of_an_unknown_kind_keeps_its_record_kind() -> None:
 def test_event_line_quotes_values_with_spaces_and_omits_defaults() -> None:
     line = render.event_line(_failed())
     assert line == (
-        "12  2026-11-27T05:14:44.123456Z  RunnerFailed  runner_id=r-1 reason=load_stall "
+        "12  2026-11-27T05:14:44.123Z  RunnerFailed  runner_id=r-1 reason=load_stall "
         'detail="no progress"'
     )
 
@@ -217,6 +330,33 @@ def test_event_line_writes_numbers_and_empty_strings_plainly() -> None:
     assert render.event_line(_record(event)).endswith(
         "RunFinished  run_id=u-1 stop_reason=length generation_tokens=40 ttft_s=0.02827"
     )
+
+
+def _spawned() -> control_pb2.EventRecord:
+    spawned = events_pb2.RunnerSpawned(
+        runner_id="r-1", model="demo", pid=4566, start_time=1795756483.5678
+    )
+    return _record(events_pb2.Event(runner_spawned=spawned))
+
+
+def test_event_line_prints_a_time_field_as_a_time() -> None:
+    assert render.event_line(_spawned()) == (
+        "12  2026-11-27T05:14:44.123Z  RunnerSpawned  runner_id=r-1 model=demo pid=4566 "
+        "start_time=2026-11-27T05:14:43.568Z"
+    )
+
+
+def test_event_json_keeps_a_time_field_a_plain_number() -> None:
+    line = render.json_line(render.event_json(_spawned()))
+    assert '"start_time":1795756483.5678,' in line
+    assert json.loads(line)["start_time"] == 1795756483.5678
+
+
+def test_only_times_are_time_fields() -> None:
+    assert render.is_time_field("start_time")
+    assert render.is_time_field("ended_at")
+    assert not render.is_time_field("load_s")
+    assert not render.is_time_field("tokens_per_s")
 
 
 # --- run ----------------------------------------------------------------------------------------
@@ -343,7 +483,9 @@ def test_status_shows_warnings_in_both_forms() -> None:
     reply = control_pb2.StatusReply(
         version="1", warnings=[control_pb2.Warning(code="local_network_denied", message="fix it")]
     )
-    assert "warning: local_network_denied: fix it" in render.status_lines(reply)
+    assert "warning: local_network_denied: fix it" in render.status_lines(
+        reply, show_all=False, now=NOW
+    )
     assert render.status_json(reply)["warnings"] == [
         {"code": "local_network_denied", "message": "fix it"}
     ]

@@ -62,11 +62,29 @@ def test_a_conversation_ignores_prompt_and_raw() -> None:
     assert tok.templated == [[{"role": "user", "content": "Hi"}]]
 
 
-def test_a_conversation_without_a_template_is_an_invalid_argument() -> None:
+def test_one_user_message_without_a_template_goes_as_it_is_like_a_prompt() -> None:
+    plain = FakeTokenizer(has_chat_template=False)
+    assert encode_prompt(chat(("user", "Hi")), plain) == ("Hi", 3)
+    assert encode_prompt(runner_pb2.Generate(prompt="Hi", max_tokens=5), plain) == ("Hi", 3)
+    assert plain.templated == []
+
+
+@pytest.mark.parametrize(
+    "turns",
+    [
+        (("system", "Be brief."), ("user", "Hi")),
+        (("user", "Hi"), ("assistant", "Hello"), ("user", "Bye")),
+        (("assistant", "Hi"),),
+    ],
+)
+def test_a_conversation_without_a_template_is_an_invalid_argument(
+    turns: tuple[tuple[str, str], ...],
+) -> None:
     with pytest.raises(ExoError) as err:
-        encode_prompt(chat(("user", "Hi")), FakeTokenizer(has_chat_template=False))
+        encode_prompt(chat(*turns), FakeTokenizer(has_chat_template=False))
     assert err.value.reason == "invalid_argument"
-    assert "chat template" in err.value.message
+    assert err.value.message.startswith("this model has no chat template")
+    assert "send one user message, or a completion (/v1/completions)" in err.value.message
 
 
 def test_a_conversation_the_template_refuses_is_an_invalid_argument() -> None:

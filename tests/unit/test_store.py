@@ -302,6 +302,25 @@ def test_a_file_that_is_not_a_database_is_refused_as_damaged(path: Path) -> None
         EventStore(path, "node-a")
 
 
+def test_a_damaged_database_cannot_be_used_as_it_is(path: Path) -> None:
+    path.write_bytes(b"not a database, not at all " * 100)
+    with pytest.raises(StoreError) as raised:
+        EventStore(path, "node-a")
+    assert raised.value.unusable and not raised.value.busy and not raised.value.disk_full
+    assert "move it aside" in str(raised.value)
+
+
+def test_a_directory_in_place_of_the_database_is_named(path: Path) -> None:
+    path.mkdir()
+    with pytest.raises(StoreError) as raised:
+        EventStore(path, "node-a")
+    assert str(raised.value) == (
+        f"cannot open the event log {path}: it is a directory, not a database file; move it "
+        "aside to start with an empty log"
+    )
+    assert raised.value.unusable
+
+
 def test_a_database_that_cannot_be_opened_is_a_store_error(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-dir" / "exod.db"
     with pytest.raises(StoreError, match=f"cannot open the event log {missing}"):
@@ -349,6 +368,7 @@ def test_a_locked_database_is_reported_after_a_short_wait(
         with pytest.raises(StoreError, match="locked by another process") as raised:
             store.append(started())
         assert not raised.value.disk_full
+        assert raised.value.busy and not raised.value.unusable
         other.execute("ROLLBACK")
         assert store.append(started()).origin_seq == 1
 

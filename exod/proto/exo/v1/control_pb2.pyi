@@ -313,17 +313,30 @@ class RunnerInfo(_message.Message):
     MODEL_PATH_FIELD_NUMBER: _builtins.int
     QUEUED_FIELD_NUMBER: _builtins.int
     IDLE_S_FIELD_NUMBER: _builtins.int
+    END_REASON_FIELD_NUMBER: _builtins.int
+    ENDED_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     model: _builtins.str
     state: _builtins.str
     """spawning, loading, ready, running, stopping, stopped, failed"""
     pid: _builtins.int
+    """0 once the runner has ended"""
     memory_bytes: _builtins.int
     model_path: _builtins.str
     queued: _builtins.int
     idle_s: _builtins.float
+    end_reason: _builtins.str
+    """Why an ended runner ended: the RunnerStopped reason (killed, idle, ...) or the RunnerFailed
+    reason; empty while it runs, or when its end could not be logged.
+    """
     @_builtins.property
-    def last_error(self) -> Global___ErrorInfo: ...
+    def last_error(self) -> Global___ErrorInfo:
+        """why it failed (state failed only)"""
+
+    @_builtins.property
+    def ended_at(self) -> _timestamp_pb2.Timestamp:
+        """unset while it runs, or when its end is unknown"""
+
     def __init__(
         self,
         *,
@@ -336,10 +349,12 @@ class RunnerInfo(_message.Message):
         model_path: _builtins.str = ...,
         queued: _builtins.int = ...,
         idle_s: _builtins.float = ...,
+        end_reason: _builtins.str = ...,
+        ended_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_error", b"last_error"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended_at", b"ended_at", "last_error", b"last_error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "idle_s", b"idle_s", "last_error", b"last_error", "memory_bytes", b"memory_bytes", "model", b"model", "model_path", b"model_path", "pid", b"pid", "queued", b"queued", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_reason", b"end_reason", "ended_at", b"ended_at", "id", b"id", "idle_s", b"idle_s", "last_error", b"last_error", "memory_bytes", b"memory_bytes", "model", b"model", "model_path", b"model_path", "pid", b"pid", "queued", b"queued", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -498,19 +513,23 @@ class ModelsRequest(_message.Message):
     ACTION_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     action: Global___ModelsRequest.Action.ValueType
     name: _builtins.str
     path: _builtins.str
+    force: _builtins.bool
+    """ADD, DEMO: replace a name that is registered to another directory"""
     def __init__(
         self,
         *,
         action: Global___ModelsRequest.Action.ValueType = ...,
         name: _builtins.str = ...,
         path: _builtins.str = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "name", b"name", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "force", b"force", "name", b"name", "path", b"path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
