@@ -1,24 +1,27 @@
 """GGUF import benchmark: time and peak memory of a conversion against the size of the file.
 
 For each of three paths through the converter (Q4_0: exact repack; Q4_K: decoded by gguf.quants
-and re-quantized; F16: copied) a llama GGUF of about --size-mb is written (random weights, the
+and re-quantized; F16: copied) a llama GGUF of each --size-mb is written (random weights, the
 demo tokenizer), then converted by `python -m exod.models.gguf`, the subprocess exod runs, and
 its peak resident memory (the kernel's ru_maxrss for that process) is set against the file's
 size. The baseline is the same subprocess converting a tiny GGUF: the interpreter, numpy, gguf
 and tokenizers, before any weights. The cached SmolLM2 GGUF (tools/smollm2.py) is measured too
-when it is there.
+when it is there, both converted and with its header read and its tokenizer rebuilt alone (no
+weights), which is the part of its peak that comes from its 49k-token vocabulary.
 
 The conversion reads tensor data with plain reads a chunk of rows at a time, so the peak should
 stay near the baseline plus a few chunks, whatever the file's size: the ratio (peak - baseline)
-/ file falls as files grow. Nothing is asserted; record the figures in docs/benchmarks.md.
+/ file falls as files grow. "net MiB/s" leaves out the baseline's time (starting Python and its
+imports). Nothing is asserted; record the figures in docs/benchmarks.md.
 
-Run: `.venv/bin/python bench/bench_gguf.py` (--size-mb to change the file size, --quick for one
-type only).
+Run: `.venv/bin/python bench/bench_gguf.py` (--size-mb 300 1200 by default; --quick for Q4_0 at
+the first size only).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,6 +50,7 @@ class Result:
     file_bytes: int
     seconds: float
     peak_bytes: int
+    converted: bool = True  # False: the header and tokenizer only, so no MiB/s
 
 
 def write_big_gguf(path: Path, kind: T, size_mb: int) -> Path:
@@ -115,8 +119,28 @@ LAUNCHER = (
 )
 
 
+# The conversion's fixed part alone: the header parsed and the tokenizer rebuilt, no weights.
+HEADER_ONLY = (
+    "import sys\n"
+    "from pathlib import Path\n"
+    "from exod.models.gguf.reader import open_gguf\n"
+    "from exod.models.gguf.tokenizer import tokenizer_files\n"
+    "tokenizer_files(open_gguf(Path(sys.argv[1])).meta)\n"
+)
+
+
 def convert_measured(src: Path, dest: Path) -> tuple[float, int]:
-    """Seconds and peak RSS (bytes) of `python -m exod.models.gguf src dest`.
+    """Seconds and peak RSS (bytes) of `python -m exod.models.gguf src dest`."""
+    return measured(["-m", "exod.models.gguf", str(src), str(dest)], f"conversion of {src}")
+
+
+def header_measured(src: Path) -> tuple[float, int]:
+    """Seconds and peak RSS (bytes) of reading src's header and rebuilding its tokenizer."""
+    return measured(["-c", HEADER_ONLY, str(src)], f"reading the header of {src}")
+
+
+def measured(args: list[str], what: str) -> tuple[float, int]:
+    """Seconds and peak RSS (bytes) of `python ARGS`.
 
     Started by a small launcher process, not by this one: Linux carries a process's peak RSS
     across exec, and a child forked from this process (which has just held a whole GGUF in
@@ -124,16 +148,7 @@ def convert_measured(src: Path, dest: Path) -> tuple[float, int]:
     """
     start = time.monotonic()
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            LAUNCHER,
-            sys.executable,
-            "-m",
-            "exod.models.gguf",
-            str(src),
-            str(dest),
-        ],
+        [sys.executable, "-c", LAUNCHER, sys.executable, *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -142,40 +157,59 @@ def convert_measured(src: Path, dest: Path) -> tuple[float, int]:
     seconds = time.monotonic() - start
     code, peak = (int(v) for v in proc.stdout.split())
     if code != 0:
-        raise SystemExit(f"conversion of {src} failed ({code}): {proc.stderr.strip()}")
+        raise SystemExit(f"{what} failed ({code}): {proc.stderr.strip()}")
     # ru_maxrss is in KiB on Linux, in bytes on macOS.
     return seconds, peak if sys.platform == "darwin" else peak * 1024
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-mb", type=int, default=300, help="size of each GGUF written")
-    parser.add_argument("--quick", action="store_true", help="Q4_0 only")
+    parser.add_argument(
+        "--size-mb",
+        type=int,
+        nargs="+",
+        default=[300, 1200],
+        help="sizes of the GGUF files written, one of each type per size (default: 300 1200)",
+    )
+    parser.add_argument("--quick", action="store_true", help="Q4_0 only, at the first size")
     args = parser.parse_args()
     kinds = [T.Q4_0] if args.quick else [T.Q4_0, T.Q4_K, T.F16]
+    sizes: list[int] = args.size_mb[:1] if args.quick else args.size_mb
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
         work = Path(tmp)
         tiny = write_tiny_gguf(work / "tiny.gguf", weight_type=T.Q4_0)
-        seconds, baseline = convert_measured(tiny.path, work / "tiny")
-        results.append(Result("tiny (baseline)", tiny.path.stat().st_size, seconds, baseline))
+        base_seconds, baseline = convert_measured(tiny.path, work / "tiny")
+        results.append(Result("tiny (baseline)", tiny.path.stat().st_size, base_seconds, baseline))
         real = cached_path()
         if real is not None:
+            seconds, peak = header_measured(real)
+            header = Result("SmolLM2 header+tokenizer", real.stat().st_size, seconds, peak, False)
+            results.append(header)
             seconds, peak = convert_measured(real, work / "smollm2")
             results.append(Result("SmolLM2 Q4_1 + Q8_0", real.stat().st_size, seconds, peak))
         for kind in kinds:
-            src = write_big_gguf(work / f"{kind.name}.gguf", kind, args.size_mb)
-            seconds, peak = convert_measured(src, work / kind.name)
-            results.append(Result(f"random {kind.name}", src.stat().st_size, seconds, peak))
-            src.unlink()
+            for size_mb in sizes:
+                src = write_big_gguf(work / f"{kind.name}.gguf", kind, size_mb)
+                dest = work / f"{kind.name}-{size_mb}"
+                seconds, peak = convert_measured(src, dest)
+                results.append(Result(f"random {kind.name}", src.stat().st_size, seconds, peak))
+                src.unlink()
+                shutil.rmtree(dest)
     print(
-        f"{'file':<22}{'size MiB':>10}{'time s':>9}{'MiB/s':>8}{'peak MiB':>10}"
+        f"{'file':<26}{'size MiB':>10}{'time s':>9}{'MiB/s':>8}{'net MiB/s':>11}{'peak MiB':>10}"
         f"{'peak/size':>11}{'(peak-base)/size':>18}"
     )
     for r in results:
         size = r.file_bytes / MIB
+        net = r.seconds - base_seconds  # less starting the interpreter and its imports
+        rate, net_rate = (
+            (f"{size / r.seconds:.0f}", f"{size / net:.0f}")
+            if r.converted and net > 0
+            else ("-", "-")
+        )
         print(
-            f"{r.label:<22}{size:>10.1f}{r.seconds:>9.2f}{size / r.seconds:>8.0f}"
+            f"{r.label:<26}{size:>10.1f}{r.seconds:>9.2f}{rate:>8}{net_rate:>11}"
             f"{r.peak_bytes / MIB:>10.0f}{r.peak_bytes / r.file_bytes:>11.2f}"
             f"{(r.peak_bytes - baseline) / r.file_bytes:>18.3f}"
         )

@@ -112,6 +112,12 @@ class Client:
         """The generation's replies; RpcErrors surface while iterating (see self.failure)."""
         return self._stub.Run(request, metadata=METADATA, wait_for_ready=False)
 
+    def import_model(
+        self, request: control_pb2.ImportRequest
+    ) -> grpc.CallIterator[control_pb2.ImportReply]:
+        """An import's progress, then its result; RpcErrors surface while iterating."""
+        return self._stub.Import(request, metadata=METADATA, wait_for_ready=False)
+
     def events(
         self, request: control_pb2.EventsRequest
     ) -> grpc.CallIterator[control_pb2.EventRecord]:

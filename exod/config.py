@@ -42,6 +42,7 @@ class Settings:
     load_timeout: float
     decode_stall_timeout: float
     queue_timeout: float
+    import_stall_timeout: float
     max_runner_memory: int
     reserved_memory: int
     runner_wrapper: tuple[str, ...]
@@ -292,6 +293,13 @@ SETTINGS: tuple[Setting, ...] = (
         lambda env: "600",
         _positive_seconds,
         "seconds a run may wait in a runner's queue before it is refused",
+    ),
+    Setting(
+        "import_stall_timeout",
+        "EXOD_IMPORT_STALL_TIMEOUT",
+        lambda env: "120",
+        _positive_seconds,
+        "seconds a model import (GGUF conversion) may go without progress before it is ended",
     ),
     Setting(
         "max_runner_memory",

@@ -144,7 +144,7 @@ class Runs:
             seed=request.seed,
             max_prompt_tokens=self.settings.max_prompt_tokens,
             messages=request.messages,
-            stop=request.stop,
+            stop=request.stop or self._default_stop(request.model),
         )
         placed: list[tuple[str, int]] = []
 
@@ -173,6 +173,12 @@ class Runs:
             raise store_failure(e) from e
         runner_id, position = placed[0]
         return Run(run_id, runner_id, position, job, self)
+
+    def _default_stop(self, model: str) -> list[str]:
+        """The stop sequences registered with a model (an Ollama import's), for runs that give
+        none of their own."""
+        registered = self.journal.state.models.get(model)
+        return list(registered.stop) if registered is not None else []
 
     async def _admit(self, request: control_pb2.RunRequest) -> ModelFiles:
         """Everything that can be refused before a runner is spawned."""

@@ -10,7 +10,9 @@ import asyncio
 import logging
 import os
 import re
+import secrets
 import shlex
+import shutil
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -26,6 +28,7 @@ from exod.errors import REASON_KEY, ExoError
 from exod.eventlog import Record, RunnerView, StoreError
 from exod.models import MODEL_NAME_PATTERN
 from exod.models.demo import write_demo_model
+from exod.models.importer import TRASH_PREFIX, Importer
 from exod.models.inspect import content_hash, inspect_model
 from exod.proto.exo.v1 import control_pb2, control_pb2_grpc, events_pb2
 from exod.runners import process
@@ -62,6 +65,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         self._settings = runs.settings
         self._journal = runs.journal
         self._supervisor = runs.supervisor
+        self._importer = Importer(runs.settings, runs.journal, runs.supervisor)
 
     # --- Run --------------------------------------------------------------------------------------
 
@@ -213,7 +217,13 @@ class ControlService(control_pb2_grpc.ControlServicer):
             models = sorted(self._journal.state.models.values(), key=lambda m: m.name)
             return control_pb2.ModelsReply(
                 models=[
-                    control_pb2.ModelInfo(name=m.name, path=m.path, content_hash=m.content_hash)
+                    control_pb2.ModelInfo(
+                        name=m.name,
+                        path=m.path,
+                        content_hash=m.content_hash,
+                        owned=m.owned,
+                        stop=m.stop,
+                    )
                     for m in models
                 ]
             )
@@ -225,13 +235,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 "(up to 64, starting with a letter or digit)",
             )
         if action == control_pb2.ModelsRequest.REMOVE:
-            if name not in self._journal.state.models:
-                raise ExoError(
-                    "model_not_found",
-                    f"no registered model named {name!r}: see `exoctl models list`",
-                )
-            self._journal.append(events_pb2.Event(model_removed=events_pb2.ModelRemoved(name=name)))
-            return control_pb2.ModelsReply()
+            return await self._remove(name)
         if action == control_pb2.ModelsRequest.DEMO:
             path = self._settings.home / "models" / name
             # Checked before writing a model that would then not be registered.
@@ -251,11 +255,76 @@ class ControlService(control_pb2_grpc.ControlServicer):
         # Checked again after the awaits, right before the append: another call may have taken
         # the name meanwhile.
         self._check_name_free(request, name, files.path)
-        added = events_pb2.ModelAdded(name=name, path=str(files.path), content_hash=digest)
+        # The demo's directory is exod's own, like an import's: `models rm` deletes it.
+        owned = action == control_pb2.ModelsRequest.DEMO
+        added = events_pb2.ModelAdded(
+            name=name, path=str(files.path), content_hash=digest, owned=owned
+        )
         self._journal.append(events_pb2.Event(model_added=added))
         return control_pb2.ModelsReply(
-            models=[control_pb2.ModelInfo(name=name, path=str(files.path), content_hash=digest)]
+            models=[
+                control_pb2.ModelInfo(
+                    name=name, path=str(files.path), content_hash=digest, owned=owned
+                )
+            ]
         )
+
+    async def _remove(self, name: str) -> control_pb2.ModelsReply:
+        """Forget a name; delete its directory when exod wrote it (an import, the demo) and no
+        other name uses it. A directory the user added is never touched."""
+        models = self._journal.state.models
+        old = models.get(name)
+        if old is None:
+            raise ExoError(
+                "model_not_found", f"no registered model named {name!r}: see `exoctl models list`"
+            )
+        path = Path(old.path)
+        ours = self._settings.home / "models"
+        shared = any(m.path == old.path for m in models.values() if m.name != name)
+        delete = old.owned and path.parent == ours and not shared
+        delete = delete and await asyncio.to_thread(path.is_dir)
+        removed = events_pb2.Event(model_removed=events_pb2.ModelRemoved(name=name))
+        if not delete:
+            self._journal.append(removed)
+            return control_pb2.ModelsReply(
+                models=[control_pb2.ModelInfo(name=name, path=old.path, owned=False)]
+            )
+        # Moved aside first, so that the entry and the directory go together: if the removal
+        # cannot be logged, the directory is put back; a trash dir left by a crash is removed at
+        # the next start (Importer._remove_strays).
+        trash = ours / f"{TRASH_PREFIX}{name}-{secrets.token_hex(4)}"
+        try:
+            await asyncio.to_thread(path.rename, trash)
+        except OSError as e:
+            raise ExoError(
+                "permission_denied" if isinstance(e, PermissionError) else "internal",
+                f"cannot delete {path}: {e.strerror or e}; nothing was removed",
+            ) from None
+        try:
+            self._journal.append(removed)
+        except StoreError:
+            await asyncio.to_thread(trash.rename, path)
+            raise
+        await asyncio.to_thread(shutil.rmtree, trash, True)
+        return control_pb2.ModelsReply(
+            models=[control_pb2.ModelInfo(name=name, path=old.path, owned=True)]
+        )
+
+    # --- Import -----------------------------------------------------------------------------------
+
+    async def Import(  # gRPC method names are CamelCase
+        self,
+        request: control_pb2.ImportRequest,
+        context: grpc.aio.ServicerContext[control_pb2.ImportRequest, control_pb2.ImportReply],
+    ) -> AsyncIterator[control_pb2.ImportReply]:
+        try:
+            async with aclosing(self._importer.run(request)) as replies:
+                async for reply in replies:
+                    yield reply
+        except ExoError as e:
+            await abort(context, e)
+        except StoreError as e:
+            await abort(context, store_failure(e))
 
     def _check_name_free(self, request: control_pb2.ModelsRequest, name: str, path: Path) -> None:
         """Refuse to move a name to another directory unless asked to (force): a typo in

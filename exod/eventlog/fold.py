@@ -73,6 +73,8 @@ class ModelView:
     name: str
     path: str
     content_hash: str
+    owned: bool = False  # exod wrote the directory (an import, the demo): removing deletes it
+    stop: tuple[str, ...] = ()  # default stop sequences for runs that give none
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,13 @@ def _apply(state: State, record: Record) -> State:  # noqa: PLR0911  one return 
             return replace(state, runs=_without(state.runs, e.run_finished.run_id))
         case "ModelAdded":
             m = e.model_added
-            model = ModelView(name=m.name, path=m.path, content_hash=m.content_hash)
+            model = ModelView(
+                name=m.name,
+                path=m.path,
+                content_hash=m.content_hash,
+                owned=m.owned,
+                stop=tuple(m.stop),
+            )
             return replace(state, models=_with(state.models, model.name, model))
         case "ModelRemoved":
             return replace(state, models=_without(state.models, e.model_removed.name))
@@ -256,8 +264,19 @@ def _run(d: Any) -> RunView:
 
 
 def _model(d: Any) -> ModelView:
+    # owned and stop came later: a snapshot written before them reads as their defaults.
+    owned = d.get("owned", False)
+    stop = d.get("stop", [])
+    if not isinstance(owned, bool):
+        raise TypeError("owned is not a boolean")
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise TypeError("stop is not a list of strings")
     return ModelView(
-        name=_str(d, "name"), path=_str(d, "path"), content_hash=_str(d, "content_hash")
+        name=_str(d, "name"),
+        path=_str(d, "path"),
+        content_hash=_str(d, "content_hash"),
+        owned=owned,
+        stop=tuple(stop),
     )
 
 

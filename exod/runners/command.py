@@ -7,10 +7,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
-def runner_command(
-    lifeline_fd: int, pipe_fd: int, parent: int, wrapper: Sequence[str]
-) -> list[str]:
-    """shim → [wrapper …] → runner; the shim leads the group and owns the lifeline."""
+def shim_command(lifeline_fd: int, parent: int, command: Sequence[str]) -> list[str]:
+    """`command` under the shim, which leads the process group and owns the lifeline."""
     return [
         sys.executable,
         "-m",
@@ -20,13 +18,16 @@ def runner_command(
         "--parent",
         str(parent),
         "--",
-        *wrapper,
-        sys.executable,
-        "-m",
-        "exod.runners.runner",
-        "--fd",
-        str(pipe_fd),
+        *command,
     ]
+
+
+def runner_command(
+    lifeline_fd: int, pipe_fd: int, parent: int, wrapper: Sequence[str]
+) -> list[str]:
+    """shim → [wrapper …] → runner; the shim leads the group and owns the lifeline."""
+    runner = [sys.executable, "-m", "exod.runners.runner", "--fd", str(pipe_fd)]
+    return shim_command(lifeline_fd, parent, [*wrapper, *runner])
 
 
 def runner_env(base: Mapping[str, str], home: Path, runner_id: str) -> dict[str, str]:

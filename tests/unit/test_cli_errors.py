@@ -309,6 +309,13 @@ class FakeControl(control_pb2_grpc.ControlServicer):
         self._fail(context, grpc.StatusCode.NOT_FOUND, "model_not_found", "no model 'gone'")
         raise AssertionError("abort returns only by raising")
 
+    def Import(
+        self, request: control_pb2.ImportRequest, context: Any
+    ) -> Iterator[control_pb2.ImportReply]:
+        progress = control_pb2.ImportProgress(tensors_done=1, tensors_total=2)
+        yield control_pb2.ImportReply(progress=progress)
+        # Then the stream ends without `done`, as when exod stops mid-import.
+
 
 @pytest.fixture
 def fake() -> Iterator[tuple[FakeControl, str]]:
@@ -532,3 +539,21 @@ def test_an_unknown_name_that_is_a_directory_here_suggests_the_path(
         "message": line,
         "exit_code": 66,
     }
+
+
+def test_an_import_that_ends_unfinished_is_69(
+    fake: tuple[FakeControl, str], tmp_path: Path
+) -> None:
+    _, socket = fake
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    result = invoke("models", "add", "m", str(gguf), "--socket", socket, "--json")
+    assert_fails(result, 69, "exod ended the import without finishing it")
+    progress, error = result.stdout.splitlines()
+    assert progress.startswith('{"type":"progress"')
+    assert error.startswith('{"type":"error"') and '"exit_code":69' in error
+
+
+def test_a_missing_gguf_is_66_without_connecting(no_connection: None, tmp_path: Path) -> None:
+    result = invoke("models", "add", "m", str(tmp_path / "m.gguf"))
+    assert_fails(result, 66, f"GGUF file {tmp_path / 'm.gguf'} does not exist")

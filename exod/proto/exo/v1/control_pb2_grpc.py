@@ -59,6 +59,11 @@ class ControlStub:
                 request_serializer=exo_dot_v1_dot_control__pb2.ModelsRequest.SerializeToString,
                 response_deserializer=exo_dot_v1_dot_control__pb2.ModelsReply.FromString,
                 _registered_method=True)
+        self.Import = channel.unary_stream(
+                '/exo.v1.Control/Import',
+                request_serializer=exo_dot_v1_dot_control__pb2.ImportRequest.SerializeToString,
+                response_deserializer=exo_dot_v1_dot_control__pb2.ImportReply.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -94,6 +99,15 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Import(self, request, context):
+        """Convert a GGUF file into a model directory in exod's home and register it; progress streams
+        until the final `done`. Cancelling the call (a closed connection) ends the conversion and
+        leaves nothing behind.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +135,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Models,
                     request_deserializer=exo_dot_v1_dot_control__pb2.ModelsRequest.FromString,
                     response_serializer=exo_dot_v1_dot_control__pb2.ModelsReply.SerializeToString,
+            ),
+            'Import': grpc.unary_stream_rpc_method_handler(
+                    servicer.Import,
+                    request_deserializer=exo_dot_v1_dot_control__pb2.ImportRequest.FromString,
+                    response_serializer=exo_dot_v1_dot_control__pb2.ImportReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +277,33 @@ class Control:
             '/exo.v1.Control/Models',
             exo_dot_v1_dot_control__pb2.ModelsRequest.SerializeToString,
             exo_dot_v1_dot_control__pb2.ModelsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Import(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/exo.v1.Control/Import',
+            exo_dot_v1_dot_control__pb2.ImportRequest.SerializeToString,
+            exo_dot_v1_dot_control__pb2.ImportReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,11 @@ class ControlStub:
     Kill: _grpc.UnaryUnaryMultiCallable[_control_pb2.KillRequest, _control_pb2.KillReply]
     Events: _grpc.UnaryStreamMultiCallable[_control_pb2.EventsRequest, _control_pb2.EventRecord]
     Models: _grpc.UnaryUnaryMultiCallable[_control_pb2.ModelsRequest, _control_pb2.ModelsReply]
+    Import: _grpc.UnaryStreamMultiCallable[_control_pb2.ImportRequest, _control_pb2.ImportReply]
+    """Convert a GGUF file into a model directory in exod's home and register it; progress streams
+    until the final `done`. Cancelling the call (a closed connection) ends the conversion and
+    leaves nothing behind.
+    """
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -48,6 +53,11 @@ class ControlAsyncStub(ControlStub):
     Kill: _aio.UnaryUnaryMultiCallable[_control_pb2.KillRequest, _control_pb2.KillReply]  # type: ignore[assignment]
     Events: _aio.UnaryStreamMultiCallable[_control_pb2.EventsRequest, _control_pb2.EventRecord]  # type: ignore[assignment]
     Models: _aio.UnaryUnaryMultiCallable[_control_pb2.ModelsRequest, _control_pb2.ModelsReply]  # type: ignore[assignment]
+    Import: _aio.UnaryStreamMultiCallable[_control_pb2.ImportRequest, _control_pb2.ImportReply]  # type: ignore[assignment]
+    """Convert a GGUF file into a model directory in exod's home and register it; progress streams
+    until the final `done`. Cancelling the call (a closed connection) ends the conversion and
+    leaves nothing behind.
+    """
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -84,5 +94,16 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _control_pb2.ModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.ModelsReply, _abc.Awaitable[_control_pb2.ModelsReply]]: ...
+
+    @_abc_1.abstractmethod
+    def Import(
+        self,
+        request: _control_pb2.ImportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_control_pb2.ImportReply], _abc.AsyncIterator[_control_pb2.ImportReply]]:
+        """Convert a GGUF file into a model directory in exod's home and register it; progress streams
+        until the final `done`. Cancelling the call (a closed connection) ends the conversion and
+        leaves nothing behind.
+        """
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

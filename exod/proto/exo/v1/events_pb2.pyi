@@ -6,8 +6,10 @@ A record's kind is the name of the message set in Event's oneof (e.g. "RunnerFai
 Fields are only ever added; a reader skips kinds it does not know.
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -324,19 +326,29 @@ class ModelAdded(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
     CONTENT_HASH_FIELD_NUMBER: _builtins.int
+    OWNED_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     path: _builtins.str
     content_hash: _builtins.str
+    owned: _builtins.bool
+    """exod wrote the directory (an import, the demo): removal deletes it"""
+    @_builtins.property
+    def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """default stop sequences (an Ollama import's params)"""
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         path: _builtins.str = ...,
         content_hash: _builtins.str = ...,
+        owned: _builtins.bool = ...,
+        stop: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_hash", b"content_hash", "name", b"name", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_hash", b"content_hash", "name", b"name", "owned", b"owned", "path", b"path", "stop", b"stop"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
