@@ -56,7 +56,9 @@ def test_using_it_runs_as_written(tmp_path: Path) -> None:
     home, clone = tmp_path / "home", tmp_path / "clone"
     home.mkdir()
     clone.mkdir()
-    (clone / ".venv").symlink_to(ROOT / ".venv")  # the clone's venv, as `./dev setup` made it
+    # The clone's venv, as `./dev setup` made it, and its tools (the real model's cache is theirs).
+    (clone / ".venv").symlink_to(ROOT / ".venv")
+    (clone / "tools").symlink_to(ROOT / "tools")
     proc = subprocess.run(
         ["bash", "-e", "-c", block],
         cwd=clone,
