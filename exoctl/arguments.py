@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from exoctl.failures import Failure, one_line
-from exod.config import default_home
 from exod.errors import Exit
+from exod.home import default_home
 from exod.models import MODEL_NAME_PATTERN
 
 NAME_PATTERN = MODEL_NAME_PATTERN
@@ -156,7 +156,7 @@ def check_prompt_text(prompt: str) -> str:
 
 def default_socket(environ: Mapping[str, str]) -> Path:
     """EXOD_SOCKET, else exod.sock in EXOD_HOME, else in the platform's state dir: the same
-    choice that exod makes (exod/config.py), so that both ends meet without flags."""
+    choice that exod makes (exod/home.py), so that both ends meet without flags."""
     if environ.get("EXOD_SOCKET"):
         return Path(environ["EXOD_SOCKET"]).expanduser().absolute()
     home = environ.get("EXOD_HOME")

@@ -13,26 +13,17 @@ import time
 from pathlib import Path
 
 import click
-import grpc
 
-from exoctl import interrupt, render
-from exoctl.arguments import (
-    check_prompt_text,
-    decode_prompt,
-    explain_unknown_name,
-    resolve_model,
-)
-from exoctl.client import Client, cancel
-from exoctl.failures import Failure
+from exoctl.client import Client
 from exoctl.group import ExoctlGroup
-from exoctl.interrupt import Ending
-from exoctl.models import models_group
 from exoctl.options import connect, json_option, socket_option
-from exoctl.run import RunOutput, generate
-from exoctl.service import service_group
-from exoctl.terminal import StatusLine, print_json, print_lines, say
+from exoctl.terminal import print_json, print_lines, say
 from exod import API_VERSION, __version__
 from exod.proto.exo.v1 import control_pb2
+
+# Only grpc, the generated stubs and click are imported for every command: what one command
+# alone needs (rendering, `run`'s output, `models`, `service`) is imported in that command, so
+# that `exoctl status` starts about as fast as `import grpc` (docs/benchmarks.md).
 
 
 @click.group(
@@ -73,6 +64,8 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
 
 
 def _read_prompt(argument: str | None) -> str:
+    from exoctl.arguments import check_prompt_text, decode_prompt
+
     if argument is not None:
         return check_prompt_text(argument)
     if sys.stdin.isatty():
@@ -140,6 +133,11 @@ def run_command(
       exoctl run demo "Hi" --temperature 0.7 --seed 42 --max-tokens 64
       exoctl run demo "Hi" --json | jq -r 'select(.type=="token").text'
     """
+    from exoctl.arguments import explain_unknown_name, resolve_model
+    from exoctl.failures import Failure
+    from exoctl.run import RunOutput, generate
+    from exoctl.terminal import StatusLine
+
     out = RunOutput(sys.stdout.buffer, StatusLine(sys.stderr), as_json=as_json)
     try:
         request = control_pb2.RunRequest(
@@ -165,6 +163,8 @@ def run_command(
 
 def fetch_status(client: Client, wait: float = 0.0) -> control_pb2.StatusReply:
     """Status, with the one check that exod and exoctl speak the same API version."""
+    from exoctl import render
+
     reply = client.status(wait)
     warning = render.api_version_warning(reply)
     if warning:
@@ -189,8 +189,12 @@ def fetch_status(client: Client, wait: float = 0.0) -> control_pb2.StatusReply:
 @json_option
 @socket_option
 def status_command(*, show_all: bool, wait: float, as_json: bool, socket: Path | None) -> None:
-    """Show exod and its runners: model, state, pid, memory; with --all also the runners that
-    ended, and why (idle, killed, or the reason it failed).
+    """Show exod and its runners: model, state, pids, requests, memory, prompt cache; with --all
+    also the runners that ended, and why (idle, killed, or the reason it failed).
+
+    Per runner: PID is its process group's leader, MLX_PID the process that runs MLX; ACTIVE the
+    requests generating in its batch, QUEUED those waiting; CACHE what its prompt cache holds and
+    HIT the share of prompt tokens it supplied (docs/cli.md).
 
     --json always lists every runner exod reports, live and ended: select them by state.
 
@@ -201,6 +205,8 @@ def status_command(*, show_all: bool, wait: float, as_json: bool, socket: Path |
       exod 2>exod.log & exoctl status --wait 30 >/dev/null   # start exod, wait until it serves
       exoctl status --json | jq '.runners[] | select(.state=="failed")'
     """
+    from exoctl import render
+
     with connect(socket) as client:
         reply = fetch_status(client, wait)
     if as_json:
@@ -229,6 +235,8 @@ def kill_command(
     """
     if (runner_id is None) == (not kill_all):
         raise click.UsageError("give either a runner ID or --all", ctx=click.get_current_context())
+    from exoctl import render
+
     with connect(socket) as client:
         reply = client.kill(None if kill_all else runner_id)
     if as_json:
@@ -274,6 +282,12 @@ def events_command(
       exoctl events --since 120 --json | jq 'select(.kind=="RunnerFailed")'
       exoctl events --follow
     """
+    import grpc
+
+    from exoctl import interrupt, render
+    from exoctl.client import cancel
+    from exoctl.interrupt import Ending
+
     request = control_pb2.EventsRequest(since=since, follow=follow, limit=limit)
     # Ctrl-C is how --follow ends, so there it is success; a listing cut short is interrupted.
     on_ctrl_c = Ending(code=0, message=None) if follow else Ending()
@@ -294,5 +308,5 @@ def events_command(
             raise client.failure(e, mid_stream=received) from None
 
 
-cli.add_command(models_group)
-cli.add_command(service_group)
+cli.add_lazy_command("models", "exoctl.models:models_group")
+cli.add_lazy_command("service", "exoctl.service:service_group")

@@ -17,8 +17,8 @@ import grpc
 
 from exoctl.failures import Failure, from_rpc_error, one_line
 from exod import API_VERSION
-from exod.config import MAX_SOCKET_PATH
 from exod.errors import Exit
+from exod.home import MAX_SOCKET_PATH
 from exod.proto.exo.v1 import control_pb2, control_pb2_grpc
 
 # Prompts of a few megabytes must fit; gRPC's default is 4 MiB.

@@ -83,7 +83,9 @@ def _unreachable(details: str, socket: str) -> tuple[Exit, str]:
         return Exit.UNAVAILABLE, "cannot reach exod: no socket there"
     if "Connection refused" in details:
         return Exit.UNAVAILABLE, "cannot reach exod: nothing is listening on its socket"
-    return Exit.UNAVAILABLE, "cannot reach exod"
+    # Anything else: gRPC's own words are the best clue there is.
+    detail = " ".join(details.split())
+    return Exit.UNAVAILABLE, f"cannot reach exod ({detail})" if detail else "cannot reach exod"
 
 
 def from_status(

@@ -11,6 +11,7 @@ An option given on the wrong side of a command's name (`exoctl --json status`, `
 
 from __future__ import annotations
 
+import importlib
 import shlex
 import sys
 from collections.abc import Sequence
@@ -126,7 +127,41 @@ class Group(click.Group):
 
 
 class ExoctlGroup(Group):
-    """The top-level group; it owns the exit code of every command."""
+    """The top-level group; it owns the exit code of every command.
+
+    Commands of their own module (`models`, `service`) are imported only when named: `exoctl
+    status` must not pay for the service manager's plans (docs/benchmarks.md, CLI start-up).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lazy: dict[str, str] = {}
+
+    def add_lazy_command(self, name: str, target: str) -> None:
+        """Add the command `module:attribute`, imported on first use."""
+        self._lazy[name] = target
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = self._lazy.get(cmd_name)
+        if target is not None and cmd_name not in self.commands:
+            module, attribute = target.split(":")
+            command = getattr(importlib.import_module(module), attribute)
+            assert isinstance(command, click.Command), target
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.NoSuchCommand as e:
+            # click suggests among the commands imported so far; the lazy ones count too.
+            names = self.list_commands(ctx)
+            raise click.NoSuchCommand(e.command_name, possibilities=names, ctx=ctx) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

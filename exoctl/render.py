@@ -151,13 +151,40 @@ def why_ended(runner: control_pb2.RunnerInfo) -> str:
     return f"{reason}: {meaning}" if meaning else reason
 
 
+def percent(fraction: float) -> str:
+    """A share as a whole percentage: 0.427 -> 43%."""
+    return f"{round(fraction * 100)}%"
+
+
+# The columns of `exoctl status`, in order (docs/cli.md); --all adds ENDED and WHY.
+STATUS_COLUMNS = (
+    "ID",
+    "MODEL",
+    "STATE",
+    "PID",
+    "MLX_PID",
+    "ACTIVE",
+    "QUEUED",
+    "MEMORY",
+    "CACHE",
+    "HIT",
+)
+
+
 def _runner_row(r: control_pb2.RunnerInfo, now: float, *, with_end: bool) -> list[str]:
+    live = not has_ended(r)
+    # An ended runner's pids are nobody's, and its work and cache are gone with it.
     row = [
         r.id,
         cut(r.model, 40),
         r.state,
-        str(r.pid) if r.pid and not has_ended(r) else "-",  # an ended runner's pid is nobody's
+        str(r.pid) if r.pid and live else "-",
+        str(r.mlx_pid) if r.mlx_pid and live else "-",
+        str(r.active) if live else "-",
+        str(r.queued) if live else "-",
         human_bytes(r.memory_bytes),
+        human_bytes(r.prompt_cache_bytes) if live else "-",
+        percent(r.prompt_cache_hit_rate) if live else "-",
     ]
     if with_end:
         ended = r.ended_at.ToNanoseconds() / 1e9 if r.HasField("ended_at") else None
@@ -177,8 +204,7 @@ def status_lines(reply: control_pb2.StatusReply, *, show_all: bool, now: float) 
     shown = [r for r in reply.runners if show_all or not has_ended(r)]
     hidden = len(reply.runners) - len(shown)
     if shown:
-        headers = ["ID", "MODEL", "STATE", "PID", "MEMORY"]
-        headers += ["ENDED", "WHY"] if show_all else []
+        headers = [*STATUS_COLUMNS, *(["ENDED", "WHY"] if show_all else [])]
         lines += table(headers, [_runner_row(r, now, with_end=show_all) for r in shown])
     else:
         lines.append("no runners running" if hidden else "no runners")
@@ -209,7 +235,11 @@ def status_json(reply: control_pb2.StatusReply) -> dict[str, Any]:
                 "pid": r.pid,
                 "memory_bytes": r.memory_bytes,
                 "last_error": _last_error(r),
+                "mlx_pid": r.mlx_pid,
+                "active": r.active,
                 "queued": r.queued,
+                "prompt_cache_bytes": r.prompt_cache_bytes,
+                "prompt_cache_hit_rate": r.prompt_cache_hit_rate,
                 "idle_s": r.idle_s,
                 "model_path": r.model_path,
                 "end_reason": r.end_reason or None,
@@ -329,6 +359,7 @@ def done_json(done: control_pb2.RunDone) -> dict[str, Any]:
         "ttft_s": done.ttft_s,
         "tokens_per_s": done.tokens_per_s,
         "stop_reason": done.stop_reason,
+        "cached_tokens": done.cached_tokens,
     }
 
 

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 import click
-
-from exoctl import render
 
 
 def say(message: str) -> None:
@@ -21,6 +18,8 @@ def say(message: str) -> None:
 
 
 def print_json(obj: dict[str, Any]) -> None:
+    from exoctl import render  # every command imports this module; few print JSON
+
     click.echo(render.json_line(obj))
 
 
@@ -45,6 +44,8 @@ class StatusLine:
     def show(self, text: str) -> None:
         if not self._enabled:
             return
+        import shutil  # only a terminal shows progress: a pipe never gets here
+
         # A line longer than the terminal would wrap, and \r could no longer erase it.
         width = shutil.get_terminal_size().columns - 1
         self._stream.write(_CLEAR + text[:width])

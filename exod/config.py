@@ -12,14 +12,12 @@ import os
 import pwd
 import re
 import shlex
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-# Linux allows 108 bytes in sun_path including the NUL, macOS 104; take the smaller everywhere.
-MAX_SOCKET_PATH = 103
+from exod.home import MAX_SOCKET_PATH, default_home
 
 T = TypeVar("T")
 
@@ -51,6 +49,9 @@ class Settings:
     http_hosts: tuple[str, ...]
     api_key_file: Path | None
     http_max_body: int
+    parallel: int
+    prompt_cache_bytes: int
+    mlx_cache_limit: int
 
 
 @dataclass(frozen=True)
@@ -64,16 +65,6 @@ class Setting:
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
-
-
-def default_home(environ: Mapping[str, str], platform: str = sys.platform) -> Path:
-    """The platform's state dir for exod (DESIGN.md: Data)."""
-    home = Path(environ.get("HOME") or Path.home())
-    if platform == "darwin":
-        return home / "Library" / "Application Support" / "exod"
-    state = environ.get("XDG_STATE_HOME")
-    base = Path(state) if state else home / ".local" / "state"
-    return base / "exod"
 
 
 def user_name() -> str:
@@ -106,6 +97,10 @@ _PORT = "expected a TCP port, 1 to 65535, or 0 to turn the HTTP API off"
 _IP = "expected an IP address such as 127.0.0.1, ::1 or 0.0.0.0, not a host name"
 _HOSTS = "expected host names separated by commas, e.g. mybox.local,mybox (IPv6 in brackets)"
 _COMMAND = "expected a command prefix split like a shell would, e.g. 'nice -n 10'"
+_SHARE = (
+    "expected a size such as 2G, 512M or 1073741824 (bytes), 0 for none, or a percentage of "
+    "EXOD_MAX_RUNNER_MEMORY from 0 to 100, such as 25%"
+)
 
 
 def _seconds(text: str) -> float:
@@ -206,6 +201,27 @@ def _bytes(text: str) -> int:
     return value
 
 
+@dataclass(frozen=True)
+class Share:
+    """A size given either in bytes or as a fraction of the runner memory cap (resolved in load)."""
+
+    bytes: int
+    fraction: float | None  # set when the size was a percentage
+
+    def of(self, cap: int) -> int:
+        return self.bytes if self.fraction is None else int(cap * self.fraction)
+
+
+def _share(text: str) -> Share:
+    percent = _PERCENT.fullmatch(text.strip().lower())
+    if percent is not None:
+        value = float(percent.group(1))
+        if not 0 <= value <= 100:
+            raise ValueError(_SHARE)
+        return Share(0, value / 100)
+    return Share(_parsed(lambda t: parse_memory(t, 0), text, _SHARE), None)
+
+
 def is_loopback(address: str) -> bool:
     return ipaddress.ip_address(address).is_loopback
 
@@ -251,6 +267,29 @@ SETTINGS: tuple[Setting, ...] = (
         lambda env: "16",
         _positive_int,
         "runs that may wait for a busy runner before new ones are refused",
+    ),
+    Setting(
+        "parallel",
+        "EXOD_PARALLEL",
+        lambda env: "4",
+        _positive_int,
+        "generations one runner runs at once, batched; more wait in its queue",
+    ),
+    Setting(
+        "prompt_cache_bytes",
+        "EXOD_PROMPT_CACHE_BYTES",
+        lambda env: "25%",
+        _share,
+        "bound of a runner's prompt cache (the KV of recent prompts, reused by a prompt that "
+        "extends one): bytes, or a percentage of EXOD_MAX_RUNNER_MEMORY; 0 turns it off",
+    ),
+    Setting(
+        "mlx_cache_limit",
+        "EXOD_MLX_CACHE_LIMIT",
+        lambda env: "10%",
+        _share,
+        "bound of MLX's buffer cache in a runner (freed buffers kept for reuse): bytes, or a "
+        "percentage of EXOD_MAX_RUNNER_MEMORY; 0 leaves MLX's own limit",
     ),
     Setting(
         "log_level",
@@ -405,6 +444,9 @@ def load(flags: Mapping[str, str | None], environ: Mapping[str, str] | None = No
             "without a key anyone who reaches it could run models: set EXOD_API_KEY_FILE or "
             "--api-key-file to a file holding a key, or bind 127.0.0.1"
         )
+    # Shares of the runner cap are resolved once the cap is known.
+    for name in ("prompt_cache_bytes", "mlx_cache_limit"):
+        values[name] = values[name].of(values["max_runner_memory"])
     names = {f.name for f in fields(Settings)}
     return Settings(**{k: v for k, v in values.items() if k in names})
 

@@ -262,7 +262,8 @@ async def serve_until_stopped(
     except openai_server.CannotServe as e:
         raise Refused(e.code, str(e)) from e
     try:
-        server, checker = await control_server.start(settings.socket, ControlService(node, runs))
+        control = ControlService(node, runs)
+        server, checker = await control_server.start(settings.socket, control)
     except OSError as e:
         raise cannot("listen on", settings.socket, e, SOCKET_FIX) from e
     except control_server.SocketInUse as e:
@@ -289,7 +290,7 @@ async def serve_until_stopped(
     health.cancel()
     await control_server.set_serving(checker, False)
     http.close()  # no new requests; those in flight end with their runs, just below
-    await supervisor.shutdown()
+    await asyncio.gather(supervisor.shutdown(), control.shutdown())
     await http.wait_closed()
     await server.stop(grace=1.0)
     with contextlib.suppress(FileNotFoundError):

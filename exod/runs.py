@@ -12,7 +12,7 @@ import asyncio
 import hmac
 import logging
 import secrets
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from exod.config import Settings
@@ -24,7 +24,7 @@ from exod.models.resolve import resolve_model
 from exod.models.tokens import count_prompt_tokens
 from exod.proto.exo.v1 import control_pb2, events_pb2, runner_pb2
 from exod.runners import admission
-from exod.runners.supervisor import Job, Supervisor
+from exod.runners.supervisor import Job, JobItem, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,40 @@ def check_request(request: control_pb2.RunRequest) -> None:
         raise ExoError("invalid_argument", "a stop sequence must not be empty")
 
 
+def coalesce(items: Sequence[JobItem]) -> list[JobItem]:
+    """What already waits for a client, as few items as it says the same (pure).
+
+    Neighbouring Tokens become one (text joined, counts summed), and a LoadProgress followed by
+    another keeps only the newer: a client slower than the model then gets fewer, bigger
+    chunks instead of a backlog of tiny ones, and the text is the same byte for byte. Only what
+    already waits is merged, so the first token is never held back to wait for a second.
+    """
+    out: list[JobItem] = []
+    for item in items:
+        last = out[-1] if out else None
+        if isinstance(item, runner_pb2.Tokens) and isinstance(last, runner_pb2.Tokens):
+            out[-1] = runner_pb2.Tokens(
+                request_id=last.request_id,
+                text=last.text + item.text,
+                count=last.count + item.count,
+            )
+        elif isinstance(item, runner_pb2.LoadProgress) and isinstance(
+            last, runner_pb2.LoadProgress
+        ):
+            out[-1] = item
+        else:
+            out.append(item)
+    return out
+
+
+def drain(queue: asyncio.Queue[JobItem], first: JobItem) -> list[JobItem]:
+    """`first`, then everything already waiting in `queue`, without waiting for more."""
+    items = [first]
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
+
+
 def prompt_text(request: control_pb2.RunRequest) -> str:
     """The text whose tokens count against the limits (the chat template adds a few more)."""
     if request.messages:
@@ -89,34 +123,44 @@ class Run:
             self.runs.finish(self.id, "cancelled", "cancelled", None)
 
     async def items(self) -> AsyncGenerator[RunItem, None]:
-        """Progress, text chunks, then RunDone; raises ExoError when the run fails."""
+        """Progress, text chunks, then RunDone; raises ExoError when the run fails.
+
+        Each wait takes everything the runner has sent meanwhile, coalesced: the supervisor's
+        queue is unbounded, so a slow or stopped client never holds up the runner, and when it
+        reads again it gets the backlog as one chunk rather than token by token.
+        """
         try:
             while True:
-                item = await self.job.out.get()
-                if isinstance(item, runner_pb2.LoadProgress):
-                    yield control_pb2.Progress(
-                        phase=item.phase, current=item.current, total=item.total
-                    )
-                elif isinstance(item, runner_pb2.Tokens):
-                    if item.text:
-                        yield control_pb2.TokenChunk(text=item.text)
-                elif isinstance(item, runner_pb2.Done):
-                    self.finished = True
-                    self.runs.finish(self.id, item.stop_reason, "", item)
-                    yield control_pb2.RunDone(
-                        prompt_tokens=item.prompt_tokens,
-                        generation_tokens=item.generation_tokens,
-                        ttft_s=item.ttft_s,
-                        tokens_per_s=item.tokens_per_s,
-                        stop_reason=item.stop_reason,
-                    )
-                    return
-                else:
-                    self.finished = True
-                    self.runs.finish(self.id, "error", item.reason, None)
-                    raise item
+                waiting = drain(self.job.out, await self.job.out.get())
+                for item in coalesce(waiting):
+                    done = self._item(item)
+                    if done is not None:
+                        yield done
+                    if self.finished:
+                        return
         finally:
             self.close()
+
+    def _item(self, item: JobItem) -> RunItem | None:
+        """The client's form of one runner item (None: nothing to send); ends the run on Done,
+        raises its ExoError on failure."""
+        if isinstance(item, runner_pb2.LoadProgress):
+            return control_pb2.Progress(phase=item.phase, current=item.current, total=item.total)
+        if isinstance(item, runner_pb2.Tokens):
+            return control_pb2.TokenChunk(text=item.text) if item.text else None
+        self.finished = True
+        if isinstance(item, runner_pb2.Done):
+            self.runs.finish(self.id, item.stop_reason, "", item)
+            return control_pb2.RunDone(
+                prompt_tokens=item.prompt_tokens,
+                generation_tokens=item.generation_tokens,
+                ttft_s=item.ttft_s,
+                tokens_per_s=item.tokens_per_s,
+                stop_reason=item.stop_reason,
+                cached_tokens=item.cached_tokens,
+            )
+        self.runs.finish(self.id, "error", item.reason, None)
+        raise item
 
 
 class Runs:

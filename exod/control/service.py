@@ -67,6 +67,10 @@ class ControlService(control_pb2_grpc.ControlServicer):
         self._supervisor = runs.supervisor
         self._importer = Importer(runs.settings, runs.journal, runs.supervisor)
 
+    async def shutdown(self) -> None:
+        """exod is stopping: end the imports in flight (runs end with the supervisor)."""
+        await self._importer.shutdown()
+
     # --- Run --------------------------------------------------------------------------------------
 
     async def Run(  # gRPC method names are CamelCase
@@ -146,6 +150,14 @@ class ControlService(control_pb2_grpc.ControlServicer):
             info.pid = view.pid
             info.state = live.state
             info.queued = len(live.queue)
+            info.active = len(live.active)
+            if live.hello is not None:
+                info.mlx_pid = live.hello.pid  # the runner under the shim (pid), where MLX runs
+            beat = live.heartbeat
+            if beat is not None:
+                info.prompt_cache_bytes = beat.prompt_cache_bytes
+                if beat.prompt_tokens > 0:
+                    info.prompt_cache_hit_rate = beat.cached_prompt_tokens / beat.prompt_tokens
             if live.state == "ready":
                 info.idle_s = time.monotonic() - live.last_used
             info.memory_bytes = await asyncio.to_thread(process.tree_memory, live.pid)

@@ -49,6 +49,8 @@ PROGRESS_KEYS = ("tensors_done", "tensors_total", "bytes_done", "bytes_total")
 # As the supervisor samples runners: USS reads /proc/*/smaps, cheap but not free.
 MEMORY_SAMPLE_PERIOD = 0.5
 STDERR_TAIL_LINES = 8
+# At exod's stop, how long past the kill grace to wait for imports to end and clean up.
+SHUTDOWN_MARGIN_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,9 @@ class Importer:
         self._supervisor = supervisor
         self._models = settings.home / "models"
         self._active: set[Path] = set()  # work directories of the imports in flight
+        self._stopping = asyncio.Event()  # exod is stopping: every import ends now
+        self._none_active = asyncio.Event()  # set while no import is in flight
+        self._none_active.set()
         # At start nothing runs: whatever work or trash directory is there was left by a killed
         # exod.
         self._remove_strays(WORK_PREFIX, TRASH_PREFIX)
@@ -155,12 +160,13 @@ class Importer:
         work = self._models / f"{WORK_PREFIX}{name}-{secrets.token_hex(4)}"
         # Active before it exists: another import's stray sweep must never take it for a stray.
         self._active.add(work)
+        self._none_active.clear()
         try:
             try:
                 await asyncio.to_thread(work.mkdir, parents=True)
             except OSError as e:
                 raise _write_error(self._models, e) from None
-            conversion = Conversion(self._settings, src, work / name)
+            conversion = Conversion(self._settings, src, work / name, self._stopping)
             async with contextlib.aclosing(conversion.progress()) as progress:
                 async for item in progress:
                     yield control_pb2.ImportReply(progress=item)
@@ -181,6 +187,16 @@ class Importer:
                 await asyncio.shield(asyncio.to_thread(shutil.rmtree, work, True))
             finally:
                 self._active.discard(work)
+                if not self._active:
+                    self._none_active.set()
+
+    async def shutdown(self) -> None:
+        """End every import in flight and return once their files are gone: exod is stopping,
+        and a work directory left behind would wait for the next start to be removed."""
+        self._stopping.set()
+        with contextlib.suppress(TimeoutError):
+            limit = self._settings.kill_grace + SHUTDOWN_MARGIN_S
+            await asyncio.wait_for(self._none_active.wait(), limit)
 
     def _refuse(self, name: str, dest: Path, force: bool, source: str) -> None:
         err = refusal(
@@ -258,10 +274,11 @@ class Importer:
 class Conversion:
     """One run of the converter in its own process group, until it ends one way or another."""
 
-    def __init__(self, settings: Settings, src: Path, dest: Path) -> None:
+    def __init__(self, settings: Settings, src: Path, dest: Path, stopping: asyncio.Event) -> None:
         self._settings = settings
         self._src = src
         self._dest = dest
+        self._stopping = stopping
         self.content_hash = ""
 
     async def progress(self) -> AsyncGenerator[control_pb2.ImportProgress, None]:
@@ -302,6 +319,24 @@ class Conversion:
             # group may outlive the call. Shielded so a second cancellation cannot skip it.
             await asyncio.shield(self._end(proc, lifeline_write, readers))
 
+    def _broken(self, quiet: float) -> ExoError | None:
+        """Why the import must end now: exod is stopping, or it made no progress for too long."""
+        if self._stopping.is_set():
+            return ExoError(
+                "daemon_stopped",
+                "exod is stopping, so the import was ended and nothing was kept: import again "
+                "once exod runs",
+            )
+        limit = self._settings.import_stall_timeout
+        if quiet > limit:
+            return ExoError(
+                "load_stall",
+                f"the import made no progress for {quiet:.0f}s (EXOD_IMPORT_STALL_TIMEOUT="
+                f"{limit:g}) and was ended; nothing was kept: retry, or raise the limit for a "
+                "very large model",
+            )
+        return None
+
     async def _follow(
         self, proc: asyncio.subprocess.Process, lines: asyncio.Queue[bytes], stderr: deque[str]
     ) -> AsyncGenerator[control_pb2.ImportProgress, None]:
@@ -335,14 +370,9 @@ class Conversion:
                         f"{_size(settings.max_runner_memory)} (EXOD_MAX_RUNNER_MEMORY): raise "
                         "the cap, or import on a machine with more memory",
                     )
-            quiet = now - last_progress
-            if quiet > settings.import_stall_timeout:
-                raise ExoError(
-                    "load_stall",
-                    f"the import made no progress for {quiet:.0f}s (EXOD_IMPORT_STALL_TIMEOUT="
-                    f"{settings.import_stall_timeout:g}) and was ended; nothing was kept: retry, "
-                    "or raise the limit for a very large model",
-                )
+            broken = self._broken(now - last_progress)
+            if broken is not None:
+                raise broken
         status = await proc.wait()
         if failure is not None:
             raise failure

@@ -191,6 +191,40 @@ def context_length(config: dict[str, Any]) -> int:
     return 0
 
 
+# Bytes of one element of the KV cache by the config's dtype. mlx-lm keeps the cache in the dtype
+# the model computes in; a config that names none is counted at float32, the most it can be.
+KV_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+UNKNOWN_KV_DTYPE_BYTES = 4
+
+
+def kv_bytes_per_token(config: dict[str, Any]) -> int:
+    """The KV cache one token of one sequence takes over all layers (K and V), from config.json.
+
+    0 when the config lacks the sizes. An estimate for admission until the runner reports the
+    loaded model's own figure (Ready.kv_bytes_per_token): sliding windows or latent attention
+    make the real one smaller, never larger.
+    """
+    for source in (config, config.get("text_config")):
+        if not isinstance(source, dict):
+            continue
+        layers = _positive(source.get("num_hidden_layers"))
+        heads = _positive(source.get("num_attention_heads"))
+        hidden = _positive(source.get("hidden_size"))
+        if not (layers and heads and (hidden or source.get("head_dim"))):
+            continue
+        kv_heads = _positive(source.get("num_key_value_heads")) or heads
+        head_dim = _positive(source.get("head_dim")) or hidden // heads
+        dtype = source.get("torch_dtype") or source.get("dtype") or config.get("torch_dtype")
+        known = KV_DTYPE_BYTES.get(dtype) if isinstance(dtype, str) else None
+        size = known or UNKNOWN_KV_DTYPE_BYTES
+        return 2 * layers * kv_heads * head_dim * size
+    return 0
+
+
+def _positive(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 def has_chat_template(path: Path) -> bool:
     """Whether the tokenizer files carry a chat template (inline or as a separate file)."""
     for name in ("chat_template.jinja", "chat_template.json"):

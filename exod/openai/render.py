@@ -43,11 +43,14 @@ def finish_reason(done: control_pb2.RunDone) -> str:
     return "length" if done.stop_reason == "length" else "stop"
 
 
-def usage(done: control_pb2.RunDone) -> dict[str, int]:
+def usage(done: control_pb2.RunDone) -> dict[str, Any]:
+    """OpenAI's usage; `cached_tokens` are the prompt tokens reused from the prompt cache (they
+    count in `prompt_tokens` too, as in OpenAI's own answers)."""
     return {
         "prompt_tokens": done.prompt_tokens,
         "completion_tokens": done.generation_tokens,
         "total_tokens": done.prompt_tokens + done.generation_tokens,
+        "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
     }
 
 

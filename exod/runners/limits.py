@@ -2,8 +2,9 @@
 
 The supervisor samples each runner a few times a second and ends it when `verdict` names a
 reason. Progress, not liveness, is what counts: a load is alive while phases, layers and prefill
-chunks keep arriving, and a generation while tokens do; heartbeats alone prove nothing, since a
-runner wedged in C++ can still run a heartbeat thread.
+chunks keep arriving, and a batch of generations while any of them makes progress (a prefill
+chunk, a token, an end); heartbeats alone prove nothing, since a runner wedged in C++ can still
+run a heartbeat thread.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ class Limits:
 class Watch:
     """One runner at one instant (monotonic seconds)."""
 
-    state: str  # loading, ready, running, stopping
+    state: str  # loading, ready, running (some generation is active), stopping
     now: float
     spawned_at: float
-    last_progress: float  # the last load progress, prefill chunk or token
-    decoding: bool  # the current generation has produced a token: prefill is over
+    last_progress: float  # the last load progress, or any request's prefill chunk, token or end
+    # Some active generation has produced a token. While none has, every request is in prefill,
+    # which reports per chunk like a load and so answers to the load stall limit.
+    decoding: bool
     memory: int | None  # bytes of the runner's tree (USS), when measured
 
 

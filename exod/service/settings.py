@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from exod import config
+from exod.home import default_home
 from exod.service import systemd
 from exod.service.paths import LinuxPaths, MacPaths, Platform, user_home
 from exod.service.plan import carried_environment
@@ -30,7 +31,7 @@ def service_home(environ: Mapping[str, str], platform: Platform) -> Path:
     home = environ.get("EXOD_HOME")
     if home:
         return Path(home).expanduser().absolute()
-    return config.default_home(environ, _sys_platform(platform))
+    return default_home(environ, _sys_platform(platform))
 
 
 def service_socket(environ: Mapping[str, str], platform: Platform) -> Path:

@@ -73,7 +73,8 @@ def test_requests_arriving_at_once_for_a_cold_model_share_one_runner(
 def test_full_queue_refuses_with_75_and_the_rest_run(
     daemon_factory: list[Daemon], tmp_path: Path, qwen2: Path
 ) -> None:
-    d = Daemon.create(tmp_path / "home", EXOD_QUEUE_DEPTH="1")
+    # One generation at a time, so that runs wait in the queue (a batch would take them in).
+    d = Daemon.create(tmp_path / "home", EXOD_QUEUE_DEPTH="1", EXOD_PARALLEL="1")
     daemon_factory.append(d)
     d.start()
     long_prompt, long_tokens = PROMPTS[0], 1000

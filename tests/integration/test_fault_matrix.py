@@ -1,11 +1,11 @@
 """The fault matrix: faults injected into real runners in every phase of their life.
 
 Phases: spawn (the wrapper has not started the runner yet), loading, ready (loaded, idle),
-prefill (a run sent, no token yet), decoding, queued (a run waiting behind another), idle (the
-idle TTL). Faults: SIGKILL, SIGTERM, SIGSEGV and SIGSTOP to the runner process or its whole group,
-`exoctl kill`, a client that cancels (SIGINT) or drops its stream (SIGKILL), a wrapper that exits
-at spawn or hangs before it starts the runner, a run left waiting past EXOD_QUEUE_TIMEOUT, the
-memory cap, the idle TTL.
+prefill (a run sent, no token yet), decoding, queued (a run waiting behind a full batch: one
+place, EXOD_PARALLEL=1), idle (the idle TTL). Faults: SIGKILL, SIGTERM, SIGSEGV and SIGSTOP to the
+runner process or its whole group, `exoctl kill`, a client that cancels (SIGINT) or drops its
+stream (SIGKILL), a wrapper that exits at spawn or hangs before it starts the runner, a run left
+waiting past EXOD_QUEUE_TIMEOUT, the memory cap, the idle TTL.
 
 After every fault: no process of that runner's group is left (the wrapper's own child
 included), the same exod serves on, every client got the exit code and reason of the fault, and
@@ -61,6 +61,16 @@ CONFIGS = {
         "EXOD_QUEUE_TIMEOUT": str(QUEUE_TIMEOUT),
         "EXOD_KILL_GRACE": str(GRACE),
         "EXOD_MAX_RUNNER_MEMORY": "300M",  # a tiny runner takes about 100 MiB
+    },
+    # One generation at a time, so that a second run waits in the queue.
+    "serial": {
+        "EXOD_RUNNER_WRAPPER": str(WRAPPER),
+        "EXOD_LOAD_STALL_TIMEOUT": str(LOAD_STALL),
+        "EXOD_DECODE_STALL_TIMEOUT": str(DECODE_STALL),
+        "EXOD_QUEUE_TIMEOUT": str(QUEUE_TIMEOUT),
+        "EXOD_KILL_GRACE": str(GRACE),
+        "EXOD_MAX_RUNNER_MEMORY": "300M",
+        "EXOD_PARALLEL": "1",
     },
     "idle": {
         "EXOD_RUNNER_WRAPPER": str(WRAPPER),
@@ -122,11 +132,11 @@ FAULTS = [
     Fault("decoding", "exoctl kill", "killed", ("killed",)),
     Fault("decoding", "cancel", "kept", (CANCELLED,)),
     Fault("decoding", "drop", "kept", (DROPPED,)),
-    # queued: a second run waits behind a generation
-    Fault("queued", "cancel", "kept", ("killed", CANCELLED)),
-    Fault("queued", "queue timeout", "kept", ("killed", "queue_timeout")),
-    Fault("queued", "SIGKILL runner", "crashed:SIGKILL", ("crashed", "crashed")),
-    Fault("queued", "exoctl kill", "killed", ("killed", "killed")),
+    # queued: a second run waits behind a generation that fills the batch
+    Fault("queued", "cancel", "kept", ("killed", CANCELLED), config="serial"),
+    Fault("queued", "queue timeout", "kept", ("killed", "queue_timeout"), config="serial"),
+    Fault("queued", "SIGKILL runner", "crashed:SIGKILL", ("crashed", "crashed"), config="serial"),
+    Fault("queued", "exoctl kill", "killed", ("killed", "killed"), config="serial"),
     # idle: the idle TTL, also for a runner that cannot act on SIGTERM until it gets SIGCONT
     Fault("idle", "idle TTL", "idle", config="idle"),
     Fault("idle", "SIGSTOP group", "idle", config="idle"),

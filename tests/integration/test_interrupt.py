@@ -87,7 +87,11 @@ def test_two_ctrl_c_while_importing(exod: Daemon, qwen2: Path) -> None:
     assert_serves(exod, qwen2)
 
 
-def test_two_ctrl_c_while_queued(exod: Daemon, qwen2: Path) -> None:
+def test_two_ctrl_c_while_queued(daemon_factory: list[Daemon], tmp_path: Path, qwen2: Path) -> None:
+    # One generation at a time, so that a second run waits in the queue.
+    exod = Daemon.create(tmp_path / "home", EXOD_PARALLEL="1")
+    daemon_factory.append(exod)
+    exod.start()
     assert_serves(exod, qwen2)
     busy = exod.exoctl_bg("run", str(qwen2), PROMPT, "--max-tokens", LONG)
     read_some(busy)  # the runner is generating for it; the next run waits in the queue

@@ -58,7 +58,7 @@ def test_kill_ends_the_runners_whole_process_group(exod: Daemon, qwen2: Path) ->
 
 def test_kill_during_a_run_fails_the_run_with_75(exod: Daemon, qwen2: Path) -> None:
     runner = ready_runner(exod, qwen2)
-    client = exod.exoctl_bg("run", str(qwen2), PROMPT, "--max-tokens", "2000", "--json")
+    client = exod.exoctl_bg("run", str(qwen2), PROMPT, "--max-tokens", "20000", "--json")
     head = read_some(client)  # the first token: the run is generating
     result = exod.exoctl("kill", "--all", "--json")
     assert group_alive(runner["pid"]) == []
@@ -101,7 +101,7 @@ def test_kill_unknown_runner_is_not_found(exod: Daemon, qwen2: Path) -> None:
 def test_ctrl_c_cancels_the_generation_and_the_runner_goes_on(exod: Daemon, qwen2: Path) -> None:
     runner = ready_runner(exod, qwen2)
     since = exod.last_seq()
-    client = exod.exoctl_bg("run", str(qwen2), PROMPT, "--max-tokens", "2000")
+    client = exod.exoctl_bg("run", str(qwen2), PROMPT, "--max-tokens", "20000")
     read_some(client)
     client.send_signal(signal.SIGINT)
     assert client.wait(timeout=30) == 130

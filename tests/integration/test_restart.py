@@ -48,7 +48,7 @@ def of_kind(events: list[Event], kind: str, **fields: object) -> list[Event]:
 def test_sigterm_closes_everything_and_restart_keeps_the_log(exod: Daemon, qwen2: Path) -> None:
     done = exod.exoctl("run", str(qwen2), PROMPT, "--max-tokens", "4")
     assert done.code == 0, done
-    client = exod.exoctl_bg("run", str(qwen2), PROMPT, "--max-tokens", "2000")
+    client = exod.exoctl_bg("run", str(qwen2), PROMPT, "--max-tokens", "20000")
     read_some(client)
     (runner,) = exod.status()["runners"]
     run_id = of_kind(exod.events(), "RunAccepted")[-1]["run_id"]
@@ -83,7 +83,7 @@ def test_sigkill_mid_run_is_closed_as_interrupted_at_restart(
     d = Daemon.create(tmp_path / "home", EXOD_SNAPSHOT_EVERY=snapshot_every)
     daemon_factory.append(d)
     d.start()
-    client = d.exoctl_bg("run", str(qwen2), PROMPT, "--max-tokens", "2000")
+    client = d.exoctl_bg("run", str(qwen2), PROMPT, "--max-tokens", "20000")
     read_some(client)  # the first token: the run is generating
     (runner,) = d.status()["runners"]
     assert runner["state"] == "running"

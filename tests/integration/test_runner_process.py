@@ -6,6 +6,7 @@ and compares what the runner streams with mlx_lm.generate run in this process.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -26,86 +27,10 @@ from exod.models.demo import Arch
 from exod.proto.exo.v1 import runner_pb2
 from exod.runners.pipe import read_message_sync, write_message_sync
 from tests import models
+from tests.runner_pipe import Runner
 
 NON_ASCII_PROMPT = "Grüße aus München — 東京 🦊 ça va?"
 LONG_DECODE = 100_000  # tokens; far more than a test waits for, so only Cancel ends it
-
-
-class Runner:
-    """One runner subprocess and the daemon's end of its pipe."""
-
-    def __init__(self, *, parent: int | None = None, own_session: bool = True) -> None:
-        ours, theirs = socket.socketpair()
-        self.sock = ours
-        self.lock = threading.Lock()
-        env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        args = [sys.executable, "-m", "exod.runners.runner", "--fd", str(theirs.fileno())]
-        args += ["--parent", str(os.getpid() if parent is None else parent)]
-        self.proc = subprocess.Popen(
-            args,
-            pass_fds=[theirs.fileno()],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            # A new group either way, so that the runner's lifeline kills only its own group.
-            start_new_session=own_session,
-            process_group=None if own_session else 0,
-        )
-        theirs.close()
-        self.progress: list[runner_pb2.LoadProgress] = []
-        self.ready: runner_pb2.Ready | None = None
-
-    def send(self, **kwargs: Any) -> None:
-        write_message_sync(self.sock, runner_pb2.ToRunner(**kwargs), self.lock)
-
-    def recv(self, timeout: float = 30) -> runner_pb2.FromRunner:
-        """The next message that is not a heartbeat."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            msg = read_message_sync(self.sock, runner_pb2.FromRunner)
-            assert msg is not None, f"runner closed the pipe (exit {self.proc.poll()})"
-            if msg.WhichOneof("msg") != "heartbeat":
-                return msg
-
-    def hello(self) -> runner_pb2.HelloReply:
-        self.send(hello=runner_pb2.Hello(protocol_version=RUNNER_PROTOCOL_VERSION))
-        reply = self.recv()
-        assert reply.WhichOneof("msg") == "hello", reply
-        return reply.hello
-
-    def load(self, path: Path, timeout: float = 120) -> runner_pb2.FromRunner:
-        """Send Load; collect progress; return the Ready or RunnerError that ends the load."""
-        self.send(load=runner_pb2.Load(model_path=str(path)))
-        while True:
-            msg = self.recv(timeout)
-            if msg.WhichOneof("msg") != "progress":
-                if msg.WhichOneof("msg") == "ready":
-                    self.ready = msg.ready
-                return msg
-            self.progress.append(msg.progress)
-
-    def generate(self, **kwargs: Any) -> tuple[str, list[runner_pb2.FromRunner]]:
-        """Run one request to its end; the text streamed and every message received."""
-        request = runner_pb2.Generate(request_id="r", max_tokens=40, **kwargs)
-        self.send(generate=request)
-        msgs = []
-        while True:
-            msg = self.recv(60)
-            msgs.append(msg)
-            if msg.WhichOneof("msg") in {"done", "error"}:
-                break
-        text = "".join(m.tokens.text for m in msgs if m.WhichOneof("msg") == "tokens")
-        return text, msgs
-
-    def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout)
-
-    def close(self) -> None:
-        self.sock.close()
-        if self.proc.poll() is None:
-            # Its own process group, started by this test: nothing else lives in it.
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
 
 
 @pytest.fixture
@@ -181,6 +106,11 @@ def test_load_reports_phases_in_order_then_ready(loaded: tuple[Runner, Path]) ->
     assert r.ready.context_length == 2048
     assert r.ready.has_chat_template == (path.name.startswith("qwen2"))
     assert r.ready.load_s > 0
+    # K and V, per layer, per KV head, per head dimension, float32: the demo model's KV cache.
+    config = json.loads((path / "config.json").read_text())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    per_token = 2 * layers * config["num_key_value_heads"] * head_dim * 4
+    assert r.ready.kv_bytes_per_token == per_token
 
 
 def test_raw_generation_is_exactly_mlx_lm_generate(loaded: tuple[Runner, Path]) -> None:

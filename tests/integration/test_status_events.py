@@ -120,8 +120,11 @@ def test_status_says_why_each_runner_ended_and_lists_only_live_ones_by_default(
     assert lines[0].startswith(f"exod {__version__} (api ")
     (row,) = _table(lines[1:-1])
     memory = row.pop("MEMORY")
+    work = {name: row.pop(name) for name in ("MLX_PID", "ACTIVE", "QUEUED", "CACHE", "HIT")}
     assert row == {"ID": live["id"], "MODEL": "busy", "STATE": "running", "PID": str(live["pid"])}
     assert re.fullmatch(r"\d+\.\d (MiB|GiB)", memory), memory
+    assert (work["MLX_PID"], work["ACTIVE"], work["QUEUED"]) == (str(live["mlx_pid"]), "1", "0")
+    assert re.fullmatch(r"\d+%", work["HIT"]), work
     assert lines[-1] == "1 ended runner not shown; `exoctl status --all` shows why it ended"
     # It is killed; another fails to load.
     d.ok("kill", live["id"])

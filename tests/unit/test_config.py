@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from exod import config
+from exod import config, home
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_follow_the_platform() -> None:
     env = {"HOME": "/home/u"}
-    assert config.default_home(env, "linux") == Path("/home/u/.local/state/exod")
-    assert config.default_home({**env, "XDG_STATE_HOME": "/s"}, "linux") == Path("/s/exod")
-    assert config.default_home(env, "darwin") == Path("/home/u/Library/Application Support/exod")
+    assert home.default_home(env, "linux") == Path("/home/u/.local/state/exod")
+    assert home.default_home({**env, "XDG_STATE_HOME": "/s"}, "linux") == Path("/s/exod")
+    assert home.default_home(env, "darwin") == Path("/home/u/Library/Application Support/exod")
 
 
 def test_flag_beats_env_beats_default() -> None:

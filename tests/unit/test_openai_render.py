@@ -10,7 +10,15 @@ from exod.proto.exo.v1 import control_pb2
 
 CHAT = Reply("chat", "run-1234abcd", 1700000000, "demo")
 TEXT = Reply("completion", "run-1234abcd", 1700000000, "demo")
-DONE = control_pb2.RunDone(prompt_tokens=11, generation_tokens=5, stop_reason="length")
+DONE = control_pb2.RunDone(
+    prompt_tokens=11, generation_tokens=5, stop_reason="length", cached_tokens=8
+)
+USAGE = {
+    "prompt_tokens": 11,
+    "completion_tokens": 5,
+    "total_tokens": 16,
+    "prompt_tokens_details": {"cached_tokens": 8},
+}
 
 
 def test_ids_carry_the_run_id() -> None:
@@ -32,7 +40,7 @@ def test_chat_completion() -> None:
                 "logprobs": None,
             }
         ],
-        "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16},
+        "usage": USAGE,
     }
 
 
@@ -69,7 +77,12 @@ def test_text_chunks() -> None:
 def test_usage_chunk_has_no_choices() -> None:
     chunk = render.usage_chunk(CHAT, DONE)
     assert chunk["choices"] == []
-    assert chunk["usage"] == {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
+    assert chunk["usage"] == USAGE
+
+
+def test_usage_says_zero_cached_tokens_without_a_cache_hit() -> None:
+    done = control_pb2.RunDone(prompt_tokens=3, generation_tokens=2)
+    assert render.usage(done)["prompt_tokens_details"] == {"cached_tokens": 0}
 
 
 def test_models_are_sorted() -> None:

@@ -38,6 +38,10 @@ def _status() -> control_pb2.StatusReply:
                 model_path="/m/demo",
                 queued=2,
                 idle_s=1.5,
+                mlx_pid=1001,
+                active=3,
+                prompt_cache_bytes=48 * 1024**2,
+                prompt_cache_hit_rate=0.427,
             ),
             control_pb2.RunnerInfo(
                 id="r-22",
@@ -152,33 +156,50 @@ def test_cut_keeps_one_line_and_marks_the_cut() -> None:
 def test_status_lines_show_the_live_runners_and_count_the_ended_ones() -> None:
     assert render.status_lines(_status(), show_all=False, now=NOW) == [
         "exod 0.1.0 (api 1)  node n-7f3a  pid 4242  up 2h03m  home /home/u/.local/state/exod",
-        "ID   MODEL  STATE  PID  MEMORY",
-        "r-1  demo   ready  999  1.5 GiB",
+        "ID   MODEL  STATE  PID  MLX_PID  ACTIVE  QUEUED  MEMORY   CACHE     HIT",
+        "r-1  demo   ready  999  1001     3       2       1.5 GiB  48.0 MiB  43%",
         "2 ended runners not shown; `exoctl status --all` shows why they ended",
     ]
 
 
 def test_status_lines_with_all_say_when_and_why_each_runner_ended() -> None:
     assert render.status_lines(_status(), show_all=True, now=NOW)[1:] == [
-        "ID    MODEL  STATE    PID  MEMORY   ENDED      WHY",
-        "r-1   demo   ready    999  1.5 GiB  -          -",
-        "r-22  qwen   failed   -    -        3m12s ago  load_stall: no progress for 30 s",
-        "r-3   demo   stopped  -    -        2h03m ago  idle: unused for EXOD_IDLE_TTL",
+        "ID    MODEL  STATE    PID  MLX_PID  ACTIVE  QUEUED  MEMORY   CACHE     HIT  ENDED      "
+        "WHY",
+        "r-1   demo   ready    999  1001     3       2       1.5 GiB  48.0 MiB  43%  -          -",
+        "r-22  qwen   failed   -    -        -       -       -        -         -    3m12s ago  "
+        "load_stall: no progress for 30 s",
+        "r-3   demo   stopped  -    -        -       -       -        -         -    2h03m ago  "
+        "idle: unused for EXOD_IDLE_TTL",
     ]
 
 
 def test_an_ended_runner_shows_no_pid_even_if_exod_sent_one() -> None:
-    reply = control_pb2.StatusReply(
-        runners=[control_pb2.RunnerInfo(id="r-9", state="stopped", pid=77)]
+    ended = control_pb2.RunnerInfo(
+        id="r-9", state="stopped", pid=77, mlx_pid=78, active=1, prompt_cache_bytes=5
     )
+    reply = control_pb2.StatusReply(runners=[ended])
     assert render.status_lines(reply, show_all=True, now=NOW)[-1].split() == [
         "r-9",
         "stopped",
-        "-",
-        "-",
-        "-",
-        "-",
+        *["-"] * 9,
     ]
+
+
+def test_a_live_runner_without_its_mlx_pid_yet_shows_a_dash() -> None:
+    loading = control_pb2.RunnerInfo(id="r-8", model="m", state="loading", pid=77)
+    reply = control_pb2.StatusReply(runners=[loading])
+    assert render.status_lines(reply, show_all=False, now=NOW)[1:] == [
+        "ID   MODEL  STATE    PID  MLX_PID  ACTIVE  QUEUED  MEMORY  CACHE  HIT",
+        "r-8  m      loading  77   -        0       0       -       -      0%",
+    ]
+
+
+def test_the_docs_show_the_status_columns() -> None:
+    docs = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
+    headers = [line.split() for line in docs.read_text().splitlines() if line.startswith("ID ")]
+    assert list(render.STATUS_COLUMNS) in headers
+    assert [*render.STATUS_COLUMNS, "ENDED", "WHY"] in headers
 
 
 @pytest.mark.parametrize(
@@ -247,7 +268,11 @@ def test_status_json_has_the_documented_shape_and_every_runner() -> None:
         "pid": 999,
         "memory_bytes": 3 * 1024**3 // 2,
         "last_error": None,
+        "mlx_pid": 1001,
+        "active": 3,
         "queued": 2,
+        "prompt_cache_bytes": 48 * 1024**2,
+        "prompt_cache_hit_rate": 0.427,
         "idle_s": 1.5,
         "model_path": "/m/demo",
         "end_reason": None,
@@ -367,7 +392,12 @@ def test_run_json_lines() -> None:
         '{"type":"token","text":"héllo \\"x\\"\\n"}'
     )
     done = control_pb2.RunDone(
-        prompt_tokens=5, generation_tokens=7, ttft_s=0.5, tokens_per_s=30.0, stop_reason="stop"
+        prompt_tokens=5,
+        generation_tokens=7,
+        ttft_s=0.5,
+        tokens_per_s=30.0,
+        stop_reason="stop",
+        cached_tokens=3,
     )
     assert json.loads(render.json_line(render.done_json(done))) == {
         "type": "done",
@@ -376,6 +406,7 @@ def test_run_json_lines() -> None:
         "ttft_s": 0.5,
         "tokens_per_s": 30.0,
         "stop_reason": "stop",
+        "cached_tokens": 3,
     }
     assert render.error_json("crashed", "runner died", 75) == {
         "type": "error",

@@ -10,7 +10,7 @@ import pytest
 
 from exod.errors import ExoError
 from exod.proto.exo.v1 import runner_pb2
-from exod.runners.runner import check_request, encode_prompt
+from exod.runners.requests import check_request, encode_prompt
 
 
 @dataclass

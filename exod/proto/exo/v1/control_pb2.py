@@ -27,7 +27,7 @@ from exod.proto.exo.v1 import runner_pb2 as exo_dot_v1_dot_runner__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x65xo/v1/control.proto\x12\x06\x65xo.v1\x1a\x13\x65xo/v1/events.proto\x1a\x13\x65xo/v1/runner.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc5\x01\n\nRunRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x0b\n\x03raw\x18\x07 \x01(\x08\x12%\n\x08messages\x18\x08 \x03(\x0b\x32\x13.exo.v1.ChatMessage\x12\x0c\n\x04stop\x18\t \x03(\t\x12\r\n\x05\x66orce\x18\n \x01(\x08\"\xa5\x01\n\x08RunReply\x12%\n\x07started\x18\x01 \x01(\x0b\x32\x12.exo.v1.RunStartedH\x00\x12$\n\x08progress\x18\x02 \x01(\x0b\x32\x10.exo.v1.ProgressH\x00\x12$\n\x06tokens\x18\x03 \x01(\x0b\x32\x12.exo.v1.TokenChunkH\x00\x12\x1f\n\x04\x64one\x18\x04 \x01(\x0b\x32\x0f.exo.v1.RunDoneH\x00\x42\x05\n\x03msg\"G\n\nRunStarted\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\trunner_id\x18\x02 \x01(\t\x12\x16\n\x0equeue_position\x18\x03 \x01(\x05\"9\n\x08Progress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0f\n\x07\x63urrent\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\"\x1a\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\"v\n\x07RunDone\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11generation_tokens\x18\x02 \x01(\x05\x12\x0e\n\x06ttft_s\x18\x03 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x04 \x01(\x01\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\"\x0f\n\rStatusRequest\"\xce\x01\n\x0bStatusReply\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0c\n\x04home\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\x10\n\x08uptime_s\x18\x06 \x01(\x01\x12#\n\x07runners\x18\x07 \x03(\x0b\x32\x12.exo.v1.RunnerInfo\x12\x13\n\x0b\x65vent_count\x18\x08 \x01(\x03\x12!\n\x08warnings\x18\t \x03(\x0b\x32\x0f.exo.v1.Warning\"(\n\x07Warning\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xf6\x01\n\nRunnerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x03\x12%\n\nlast_error\x18\x06 \x01(\x0b\x32\x11.exo.v1.ErrorInfo\x12\x12\n\nmodel_path\x18\x07 \x01(\t\x12\x0e\n\x06queued\x18\x08 \x01(\x05\x12\x0e\n\x06idle_s\x18\t \x01(\x01\x12\x12\n\nend_reason\x18\n \x01(\t\x12,\n\x08\x65nded_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"+\n\tErrorInfo\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"-\n\x0bKillRequest\x12\x11\n\trunner_id\x18\x01 \x01(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"\x1b\n\tKillReply\x12\x0e\n\x06killed\x18\x01 \x03(\t\"=\n\rEventsRequest\x12\r\n\x05since\x18\x01 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\r\n\x05limit\x18\x03 \x01(\x05\"\x92\x01\n\x0b\x45ventRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x12\n\norigin_seq\x18\x03 \x01(\x03\x12&\n\x02ts\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x1c\n\x05\x65vent\x18\x06 \x01(\x0b\x32\r.exo.v1.Event\"\x9b\x01\n\rModelsRequest\x12,\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1c.exo.v1.ModelsRequest.Action\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\"1\n\x06\x41\x63tion\x12\x08\n\x04LIST\x10\x00\x12\x07\n\x03\x41\x44\x44\x10\x01\x12\n\n\x06REMOVE\x10\x02\x12\x08\n\x04\x44\x45MO\x10\x03\"0\n\x0bModelsReply\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.exo.v1.ModelInfo\"Z\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\x12\r\n\x05owned\x18\x04 \x01(\x08\x12\x0c\n\x04stop\x18\x05 \x03(\t\"X\n\rImportRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\"c\n\x0bImportReply\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.exo.v1.ImportProgressH\x00\x12!\n\x04\x64one\x18\x02 \x01(\x0b\x32\x11.exo.v1.ModelInfoH\x00\x42\x05\n\x03msg\"f\n\x0eImportProgress\x12\x14\n\x0ctensors_done\x18\x01 \x01(\x05\x12\x15\n\rtensors_total\x18\x02 \x01(\x05\x12\x12\n\nbytes_done\x18\x03 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x03\x32\xc4\x02\n\x07\x43ontrol\x12-\n\x03Run\x12\x12.exo.v1.RunRequest\x1a\x10.exo.v1.RunReply0\x01\x12\x34\n\x06Status\x12\x15.exo.v1.StatusRequest\x1a\x13.exo.v1.StatusReply\x12.\n\x04Kill\x12\x13.exo.v1.KillRequest\x1a\x11.exo.v1.KillReply\x12\x36\n\x06\x45vents\x12\x15.exo.v1.EventsRequest\x1a\x13.exo.v1.EventRecord0\x01\x12\x34\n\x06Models\x12\x15.exo.v1.ModelsRequest\x1a\x13.exo.v1.ModelsReply\x12\x36\n\x06Import\x12\x15.exo.v1.ImportRequest\x1a\x13.exo.v1.ImportReply0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x65xo/v1/control.proto\x12\x06\x65xo.v1\x1a\x13\x65xo/v1/events.proto\x1a\x13\x65xo/v1/runner.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc5\x01\n\nRunRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x0b\n\x03raw\x18\x07 \x01(\x08\x12%\n\x08messages\x18\x08 \x03(\x0b\x32\x13.exo.v1.ChatMessage\x12\x0c\n\x04stop\x18\t \x03(\t\x12\r\n\x05\x66orce\x18\n \x01(\x08\"\xa5\x01\n\x08RunReply\x12%\n\x07started\x18\x01 \x01(\x0b\x32\x12.exo.v1.RunStartedH\x00\x12$\n\x08progress\x18\x02 \x01(\x0b\x32\x10.exo.v1.ProgressH\x00\x12$\n\x06tokens\x18\x03 \x01(\x0b\x32\x12.exo.v1.TokenChunkH\x00\x12\x1f\n\x04\x64one\x18\x04 \x01(\x0b\x32\x0f.exo.v1.RunDoneH\x00\x42\x05\n\x03msg\"G\n\nRunStarted\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\trunner_id\x18\x02 \x01(\t\x12\x16\n\x0equeue_position\x18\x03 \x01(\x05\"9\n\x08Progress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0f\n\x07\x63urrent\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\"\x1a\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x8d\x01\n\x07RunDone\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11generation_tokens\x18\x02 \x01(\x05\x12\x0e\n\x06ttft_s\x18\x03 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x04 \x01(\x01\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12\x15\n\rcached_tokens\x18\x06 \x01(\x05\"\x0f\n\rStatusRequest\"\xce\x01\n\x0bStatusReply\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x13\n\x0b\x61pi_version\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0c\n\x04home\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\x10\n\x08uptime_s\x18\x06 \x01(\x01\x12#\n\x07runners\x18\x07 \x03(\x0b\x32\x12.exo.v1.RunnerInfo\x12\x13\n\x0b\x65vent_count\x18\x08 \x01(\x03\x12!\n\x08warnings\x18\t \x03(\x0b\x32\x0f.exo.v1.Warning\"(\n\x07Warning\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xd2\x02\n\nRunnerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x03\x12%\n\nlast_error\x18\x06 \x01(\x0b\x32\x11.exo.v1.ErrorInfo\x12\x12\n\nmodel_path\x18\x07 \x01(\t\x12\x0e\n\x06queued\x18\x08 \x01(\x05\x12\x0e\n\x06idle_s\x18\t \x01(\x01\x12\x12\n\nend_reason\x18\n \x01(\t\x12,\n\x08\x65nded_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tive\x18\x0c \x01(\x05\x12\x1a\n\x12prompt_cache_bytes\x18\r \x01(\x03\x12\x1d\n\x15prompt_cache_hit_rate\x18\x0e \x01(\x01\x12\x0f\n\x07mlx_pid\x18\x0f \x01(\x05\"+\n\tErrorInfo\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"-\n\x0bKillRequest\x12\x11\n\trunner_id\x18\x01 \x01(\t\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\"\x1b\n\tKillReply\x12\x0e\n\x06killed\x18\x01 \x03(\t\"=\n\rEventsRequest\x12\r\n\x05since\x18\x01 \x01(\x03\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\r\n\x05limit\x18\x03 \x01(\x05\"\x92\x01\n\x0b\x45ventRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x12\n\norigin_seq\x18\x03 \x01(\x03\x12&\n\x02ts\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x1c\n\x05\x65vent\x18\x06 \x01(\x0b\x32\r.exo.v1.Event\"\x9b\x01\n\rModelsRequest\x12,\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x1c.exo.v1.ModelsRequest.Action\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\r\n\x05\x66orce\x18\x04 \x01(\x08\"1\n\x06\x41\x63tion\x12\x08\n\x04LIST\x10\x00\x12\x07\n\x03\x41\x44\x44\x10\x01\x12\n\n\x06REMOVE\x10\x02\x12\x08\n\x04\x44\x45MO\x10\x03\"0\n\x0bModelsReply\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.exo.v1.ModelInfo\"Z\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\x12\r\n\x05owned\x18\x04 \x01(\x08\x12\x0c\n\x04stop\x18\x05 \x03(\t\"X\n\rImportRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\"c\n\x0bImportReply\x12*\n\x08progress\x18\x01 \x01(\x0b\x32\x16.exo.v1.ImportProgressH\x00\x12!\n\x04\x64one\x18\x02 \x01(\x0b\x32\x11.exo.v1.ModelInfoH\x00\x42\x05\n\x03msg\"f\n\x0eImportProgress\x12\x14\n\x0ctensors_done\x18\x01 \x01(\x05\x12\x15\n\rtensors_total\x18\x02 \x01(\x05\x12\x12\n\nbytes_done\x18\x03 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x03\x32\xc4\x02\n\x07\x43ontrol\x12-\n\x03Run\x12\x12.exo.v1.RunRequest\x1a\x10.exo.v1.RunReply0\x01\x12\x34\n\x06Status\x12\x15.exo.v1.StatusRequest\x1a\x13.exo.v1.StatusReply\x12.\n\x04Kill\x12\x13.exo.v1.KillRequest\x1a\x11.exo.v1.KillReply\x12\x36\n\x06\x45vents\x12\x15.exo.v1.EventsRequest\x1a\x13.exo.v1.EventRecord0\x01\x12\x34\n\x06Models\x12\x15.exo.v1.ModelsRequest\x1a\x13.exo.v1.ModelsReply\x12\x36\n\x06Import\x12\x15.exo.v1.ImportRequest\x1a\x13.exo.v1.ImportReply0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,40 +44,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROGRESS']._serialized_end=605
   _globals['_TOKENCHUNK']._serialized_start=607
   _globals['_TOKENCHUNK']._serialized_end=633
-  _globals['_RUNDONE']._serialized_start=635
-  _globals['_RUNDONE']._serialized_end=753
-  _globals['_STATUSREQUEST']._serialized_start=755
-  _globals['_STATUSREQUEST']._serialized_end=770
-  _globals['_STATUSREPLY']._serialized_start=773
-  _globals['_STATUSREPLY']._serialized_end=979
-  _globals['_WARNING']._serialized_start=981
-  _globals['_WARNING']._serialized_end=1021
-  _globals['_RUNNERINFO']._serialized_start=1024
-  _globals['_RUNNERINFO']._serialized_end=1270
-  _globals['_ERRORINFO']._serialized_start=1272
-  _globals['_ERRORINFO']._serialized_end=1315
-  _globals['_KILLREQUEST']._serialized_start=1317
-  _globals['_KILLREQUEST']._serialized_end=1362
-  _globals['_KILLREPLY']._serialized_start=1364
-  _globals['_KILLREPLY']._serialized_end=1391
-  _globals['_EVENTSREQUEST']._serialized_start=1393
-  _globals['_EVENTSREQUEST']._serialized_end=1454
-  _globals['_EVENTRECORD']._serialized_start=1457
-  _globals['_EVENTRECORD']._serialized_end=1603
-  _globals['_MODELSREQUEST']._serialized_start=1606
-  _globals['_MODELSREQUEST']._serialized_end=1761
-  _globals['_MODELSREQUEST_ACTION']._serialized_start=1712
-  _globals['_MODELSREQUEST_ACTION']._serialized_end=1761
-  _globals['_MODELSREPLY']._serialized_start=1763
-  _globals['_MODELSREPLY']._serialized_end=1811
-  _globals['_MODELINFO']._serialized_start=1813
-  _globals['_MODELINFO']._serialized_end=1903
-  _globals['_IMPORTREQUEST']._serialized_start=1905
-  _globals['_IMPORTREQUEST']._serialized_end=1993
-  _globals['_IMPORTREPLY']._serialized_start=1995
-  _globals['_IMPORTREPLY']._serialized_end=2094
-  _globals['_IMPORTPROGRESS']._serialized_start=2096
-  _globals['_IMPORTPROGRESS']._serialized_end=2198
-  _globals['_CONTROL']._serialized_start=2201
-  _globals['_CONTROL']._serialized_end=2525
+  _globals['_RUNDONE']._serialized_start=636
+  _globals['_RUNDONE']._serialized_end=777
+  _globals['_STATUSREQUEST']._serialized_start=779
+  _globals['_STATUSREQUEST']._serialized_end=794
+  _globals['_STATUSREPLY']._serialized_start=797
+  _globals['_STATUSREPLY']._serialized_end=1003
+  _globals['_WARNING']._serialized_start=1005
+  _globals['_WARNING']._serialized_end=1045
+  _globals['_RUNNERINFO']._serialized_start=1048
+  _globals['_RUNNERINFO']._serialized_end=1386
+  _globals['_ERRORINFO']._serialized_start=1388
+  _globals['_ERRORINFO']._serialized_end=1431
+  _globals['_KILLREQUEST']._serialized_start=1433
+  _globals['_KILLREQUEST']._serialized_end=1478
+  _globals['_KILLREPLY']._serialized_start=1480
+  _globals['_KILLREPLY']._serialized_end=1507
+  _globals['_EVENTSREQUEST']._serialized_start=1509
+  _globals['_EVENTSREQUEST']._serialized_end=1570
+  _globals['_EVENTRECORD']._serialized_start=1573
+  _globals['_EVENTRECORD']._serialized_end=1719
+  _globals['_MODELSREQUEST']._serialized_start=1722
+  _globals['_MODELSREQUEST']._serialized_end=1877
+  _globals['_MODELSREQUEST_ACTION']._serialized_start=1828
+  _globals['_MODELSREQUEST_ACTION']._serialized_end=1877
+  _globals['_MODELSREPLY']._serialized_start=1879
+  _globals['_MODELSREPLY']._serialized_end=1927
+  _globals['_MODELINFO']._serialized_start=1929
+  _globals['_MODELINFO']._serialized_end=2019
+  _globals['_IMPORTREQUEST']._serialized_start=2021
+  _globals['_IMPORTREQUEST']._serialized_end=2109
+  _globals['_IMPORTREPLY']._serialized_start=2111
+  _globals['_IMPORTREPLY']._serialized_end=2210
+  _globals['_IMPORTPROGRESS']._serialized_start=2212
+  _globals['_IMPORTPROGRESS']._serialized_end=2314
+  _globals['_CONTROL']._serialized_start=2317
+  _globals['_CONTROL']._serialized_end=2641
 # @@protoc_insertion_point(module_scope)

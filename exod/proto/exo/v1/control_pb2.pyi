@@ -192,12 +192,15 @@ class RunDone(_message.Message):
     TTFT_S_FIELD_NUMBER: _builtins.int
     TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     STOP_REASON_FIELD_NUMBER: _builtins.int
+    CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
     generation_tokens: _builtins.int
     ttft_s: _builtins.float
     tokens_per_s: _builtins.float
     stop_reason: _builtins.str
     """stop, length"""
+    cached_tokens: _builtins.int
+    """prompt tokens reused from the prompt cache"""
     def __init__(
         self,
         *,
@@ -206,10 +209,11 @@ class RunDone(_message.Message):
         ttft_s: _builtins.float = ...,
         tokens_per_s: _builtins.float = ...,
         stop_reason: _builtins.str = ...,
+        cached_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation_tokens", b"generation_tokens", "prompt_tokens", b"prompt_tokens", "stop_reason", b"stop_reason", "tokens_per_s", b"tokens_per_s", "ttft_s", b"ttft_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "generation_tokens", b"generation_tokens", "prompt_tokens", b"prompt_tokens", "stop_reason", b"stop_reason", "tokens_per_s", b"tokens_per_s", "ttft_s", b"ttft_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -315,6 +319,10 @@ class RunnerInfo(_message.Message):
     IDLE_S_FIELD_NUMBER: _builtins.int
     END_REASON_FIELD_NUMBER: _builtins.int
     ENDED_AT_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    PROMPT_CACHE_BYTES_FIELD_NUMBER: _builtins.int
+    PROMPT_CACHE_HIT_RATE_FIELD_NUMBER: _builtins.int
+    MLX_PID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     model: _builtins.str
     state: _builtins.str
@@ -329,6 +337,14 @@ class RunnerInfo(_message.Message):
     """Why an ended runner ended: the RunnerStopped reason (killed, idle, ...) or the RunnerFailed
     reason; empty while it runs, or when its end could not be logged.
     """
+    active: _builtins.int
+    """generations running in its batch now"""
+    prompt_cache_bytes: _builtins.int
+    """what its prompt cache holds"""
+    prompt_cache_hit_rate: _builtins.float
+    """cached prompt tokens / prompt tokens, 0 before any run"""
+    mlx_pid: _builtins.int
+    """the process that runs MLX (pid is its group leader, the shim)"""
     @_builtins.property
     def last_error(self) -> Global___ErrorInfo:
         """why it failed (state failed only)"""
@@ -351,10 +367,14 @@ class RunnerInfo(_message.Message):
         idle_s: _builtins.float = ...,
         end_reason: _builtins.str = ...,
         ended_at: _timestamp_pb2.Timestamp | None = ...,
+        active: _builtins.int = ...,
+        prompt_cache_bytes: _builtins.int = ...,
+        prompt_cache_hit_rate: _builtins.float = ...,
+        mlx_pid: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ended_at", b"ended_at", "last_error", b"last_error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_reason", b"end_reason", "ended_at", b"ended_at", "id", b"id", "idle_s", b"idle_s", "last_error", b"last_error", "memory_bytes", b"memory_bytes", "model", b"model", "model_path", b"model_path", "pid", b"pid", "queued", b"queued", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "end_reason", b"end_reason", "ended_at", b"ended_at", "id", b"id", "idle_s", b"idle_s", "last_error", b"last_error", "memory_bytes", b"memory_bytes", "mlx_pid", b"mlx_pid", "model", b"model", "model_path", b"model_path", "pid", b"pid", "prompt_cache_bytes", b"prompt_cache_bytes", "prompt_cache_hit_rate", b"prompt_cache_hit_rate", "queued", b"queued", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

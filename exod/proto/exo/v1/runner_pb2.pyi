@@ -156,15 +156,27 @@ class Load(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_PATH_FIELD_NUMBER: _builtins.int
+    PARALLEL_FIELD_NUMBER: _builtins.int
+    PROMPT_CACHE_BYTES_FIELD_NUMBER: _builtins.int
+    MLX_CACHE_LIMIT_FIELD_NUMBER: _builtins.int
     model_path: _builtins.str
+    parallel: _builtins.int
+    """how many generations may run at once (EXOD_PARALLEL); 0: 1"""
+    prompt_cache_bytes: _builtins.int
+    """the prompt cache's bound (EXOD_PROMPT_CACHE_BYTES); 0: off"""
+    mlx_cache_limit: _builtins.int
+    """mx.set_cache_limit for MLX's buffer cache; 0: MLX's default"""
     def __init__(
         self,
         *,
         model_path: _builtins.str = ...,
+        parallel: _builtins.int = ...,
+        prompt_cache_bytes: _builtins.int = ...,
+        mlx_cache_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_path", b"model_path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mlx_cache_limit", b"mlx_cache_limit", "model_path", b"model_path", "parallel", b"parallel", "prompt_cache_bytes", b"prompt_cache_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -210,19 +222,23 @@ class Ready(_message.Message):
     CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     LOAD_S_FIELD_NUMBER: _builtins.int
+    KV_BYTES_PER_TOKEN_FIELD_NUMBER: _builtins.int
     context_length: _builtins.int
     has_chat_template: _builtins.bool
     load_s: _builtins.float
+    kv_bytes_per_token: _builtins.int
+    """the KV cache one token of one request takes, all layers"""
     def __init__(
         self,
         *,
         context_length: _builtins.int = ...,
         has_chat_template: _builtins.bool = ...,
         load_s: _builtins.float = ...,
+        kv_bytes_per_token: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "has_chat_template", b"has_chat_template", "load_s", b"load_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_length", b"context_length", "has_chat_template", b"has_chat_template", "kv_bytes_per_token", b"kv_bytes_per_token", "load_s", b"load_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -373,6 +389,7 @@ class Done(_message.Message):
     GENERATION_TOKENS_FIELD_NUMBER: _builtins.int
     TTFT_S_FIELD_NUMBER: _builtins.int
     TOKENS_PER_S_FIELD_NUMBER: _builtins.int
+    CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     stop_reason: _builtins.str
     """stop, length, cancelled"""
@@ -380,6 +397,8 @@ class Done(_message.Message):
     generation_tokens: _builtins.int
     ttft_s: _builtins.float
     tokens_per_s: _builtins.float
+    cached_tokens: _builtins.int
+    """prompt tokens taken from the prompt cache, not prefilled"""
     def __init__(
         self,
         *,
@@ -389,10 +408,11 @@ class Done(_message.Message):
         generation_tokens: _builtins.int = ...,
         ttft_s: _builtins.float = ...,
         tokens_per_s: _builtins.float = ...,
+        cached_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation_tokens", b"generation_tokens", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "stop_reason", b"stop_reason", "tokens_per_s", b"tokens_per_s", "ttft_s", b"ttft_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "generation_tokens", b"generation_tokens", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "stop_reason", b"stop_reason", "tokens_per_s", b"tokens_per_s", "ttft_s", b"ttft_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -428,14 +448,33 @@ Global___RunnerError: _TypeAlias = RunnerError  # noqa: Y015
 
 @_typing.final
 class Heartbeat(_message.Message):
+    """Every second; also what `exoctl status` shows of the runner's work."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    PROMPT_CACHE_BYTES_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    active: _builtins.int
+    """generations in the batch (prefilling or decoding)"""
+    prompt_cache_bytes: _builtins.int
+    """what the prompt cache holds now"""
+    prompt_tokens: _builtins.int
+    """prompt tokens of every request so far"""
+    cached_prompt_tokens: _builtins.int
+    """of those, taken from the prompt cache"""
     def __init__(
         self,
+        *,
+        active: _builtins.int = ...,
+        prompt_cache_bytes: _builtins.int = ...,
+        prompt_tokens: _builtins.int = ...,
+        cached_prompt_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "cached_prompt_tokens", b"cached_prompt_tokens", "prompt_cache_bytes", b"prompt_cache_bytes", "prompt_tokens", b"prompt_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

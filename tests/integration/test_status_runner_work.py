@@ -1,0 +1,80 @@
+"""`exoctl status` shows what a runner is doing: its batch, its queue, its prompt cache, and the
+pid of the process that runs MLX beside its group leader's."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from tests.daemon import Daemon, read_some, wait_until
+
+TOKENS = 1500  # long enough to be seen running
+
+
+def live_runner(d: Daemon) -> dict[str, Any]:
+    runners = [r for r in d.status()["runners"] if r["state"] not in ("stopped", "failed")]
+    assert len(runners) == 1, runners
+    runner: dict[str, Any] = runners[0]
+    return runner
+
+
+def test_status_shows_the_batch_the_cache_and_the_mlx_pid(
+    daemon_factory: list[Daemon], tmp_path: Path, qwen2: Path
+) -> None:
+    d = Daemon.create(tmp_path / "home", EXOD_PARALLEL="2")
+    daemon_factory.append(d)
+    d.start()
+    prompt = "Once upon a time"
+    first = d.ok("run", str(qwen2), prompt, "--max-tokens", "8", "--json").json_lines()[-1]
+    again = d.ok("run", str(qwen2), prompt, "--max-tokens", "8", "--json").json_lines()[-1]
+    # The second run's prompt is the first one's: the cache holds it.
+    assert first["cached_tokens"] == 0, first
+    assert 0 < again["cached_tokens"] <= again["prompt_tokens"], again
+
+    runs = [
+        d.exoctl_bg("run", str(qwen2), p, "--max-tokens", str(TOKENS), stdout=subprocess.PIPE)
+        for p in ["The quick brown fox", "Der schnelle braune Fuchs", "Events are appended"]
+    ]
+    for run in runs[:2]:
+        read_some(run)
+    # Two generate (EXOD_PARALLEL=2), the third waits for a place.
+    assert wait_until(lambda: live_runner(d)["active"] == 2, timeout=10, poll=0.1), live_runner(d)
+    runner = live_runner(d)
+    assert runner["state"] == "running", runner
+    assert runner["prompt_cache_bytes"] > 0, runner
+    assert 0 < runner["prompt_cache_hit_rate"] <= 1, runner
+    # MLX runs in a process of the runner's group other than its leader (the shim).
+    assert runner["mlx_pid"] not in (0, runner["pid"]), runner
+    assert os.getpgid(runner["mlx_pid"]) == runner["pid"]
+    assert "exod.runners.runner" in " ".join(psutil.Process(runner["mlx_pid"]).cmdline())
+
+    table = d.ok("status").text.splitlines()
+    header = table[1].split()
+    assert header == [
+        "ID",
+        "MODEL",
+        "STATE",
+        "PID",
+        "MLX_PID",
+        "ACTIVE",
+        "QUEUED",
+        "MEMORY",
+        "CACHE",
+        "HIT",
+    ]
+    # Cells are two or more spaces apart; a size ("1.5 GiB") holds a single one.
+    row = dict(zip(header, re.split(r" {2,}", table[2]), strict=True))
+    assert (row["ID"], row["PID"], row["MLX_PID"]) == (
+        runner["id"],
+        str(runner["pid"]),
+        str(runner["mlx_pid"]),
+    )
+    assert row["HIT"].endswith("%"), row
+    for run in runs:
+        out, err = run.communicate(timeout=120)
+        assert (run.returncode, err) == (0, b""), (out[-200:], err)
