@@ -40,7 +40,8 @@ def test_status_shows_the_batch_the_cache_and_the_mlx_pid(
     # Status shows what the cache holds (from the runner's next heartbeat) and its hit rate.
     def shows_the_cache() -> bool:
         runner = live_runner(d)
-        return runner["prompt_cache_bytes"] > 0 and 0 < runner["prompt_cache_hit_rate"] <= 1
+        size, rate = int(runner["prompt_cache_bytes"]), float(runner["prompt_cache_hit_rate"])
+        return size > 0 and 0 < rate <= 1
 
     assert wait_until(shows_the_cache, timeout=5, poll=0.1), live_runner(d)
 
