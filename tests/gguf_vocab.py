@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from exod.models.demo import CHAT_TEMPLATE, CORPUS
 from exod.models.gguf.reader import MetaValue
+from tests.gguf_files import add_value
 
 CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 USER_DEFINED_TOKENS = ("<think>", "</think>")
@@ -101,16 +102,7 @@ def write_gguf(path: Path, meta: dict[str, MetaValue], arch: str = "llama") -> P
     for key, value in meta.items():
         if key == "general.architecture":
             continue  # GGUFWriter writes it from arch
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        else:
-            writer.add_array(key, value)  # str -> STRING, int -> INT32, float -> FLOAT32
+        add_value(writer, key, value)
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -45,13 +45,16 @@ def test_status_shows_the_batch_the_cache_and_the_mlx_pid(
 
     assert wait_until(shows_the_cache, timeout=5, poll=0.1), live_runner(d)
 
-    runs = [
-        d.exoctl_bg("run", str(qwen2), p, "--max-tokens", str(TOKENS), stdout=subprocess.PIPE)
-        for p in ["The quick brown fox", "Der schnelle braune Fuchs", "Events are appended"]
-    ]
-    for run in runs[:2]:
+    def start(prompt: str) -> subprocess.Popen[bytes]:
+        return d.exoctl_bg(
+            "run", str(qwen2), prompt, "--max-tokens", str(TOKENS), stdout=subprocess.PIPE
+        )
+
+    # Two generate (EXOD_PARALLEL=2); the third, started once they do, waits for a place.
+    runs = [start("The quick brown fox"), start("Der schnelle braune Fuchs")]
+    for run in runs:
         read_some(run)
-    # Two generate (EXOD_PARALLEL=2), the third waits for a place.
+    runs.append(start("Events are appended"))
     assert wait_until(lambda: live_runner(d)["active"] == 2, timeout=10, poll=0.1), live_runner(d)
     runner = live_runner(d)
     assert runner["state"] == "running", runner

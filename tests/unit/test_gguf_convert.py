@@ -30,7 +30,7 @@ from exod.models.gguf.convert import (
 from exod.models.gguf.reader import open_gguf
 from exod.models.gguf.tensors import plan_tensors
 from exod.models.inspect import content_hash, inspect_model
-from tests.gguf_files import TinyGGUF, write_tiny_gguf
+from tests.gguf_files import TinyGGUF, add_value, write_tiny_gguf
 
 
 @pytest.fixture(scope="module")
@@ -199,16 +199,7 @@ def _write_variant(path: Path, arch: str, kind: int, tiny: TinyGGUF) -> Path:
         if name == "general.architecture":
             continue
         key = name.replace("llama.", f"{arch}.")
-        if isinstance(value, bool):
-            writer.add_bool(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        elif isinstance(value, str):
-            writer.add_string(key, value)
-        else:
-            writer.add_array(key, value)
+        add_value(writer, key, value)
     for name, (stored_kind, raw) in tiny.stored.items():
         if name == "token_embd.weight":
             size = {int(T.Q8_1): 40}.get(kind, 34)
