@@ -284,27 +284,16 @@ class Conversion:
     async def progress(self) -> AsyncGenerator[control_pb2.ImportProgress, None]:
         """The converter's progress; returns once it has finished (content_hash is set), raises
         ExoError when it failed or broke a limit. Closing it early ends the process group."""
-        lifeline_read, lifeline_write = os.pipe()
         converter = [sys.executable, "-m", "exod.models.gguf", str(self._src), str(self._dest)]
-        command = shim_command(
-            lifeline_read, os.getpid(), [*self._settings.runner_wrapper, *converter]
+        proc, lifeline_write = await process.spawn_group(
+            lambda lifeline: shim_command(
+                lifeline, os.getpid(), [*self._settings.runner_wrapper, *converter]
+            ),
+            what="the converter",
+            env=runner_env(os.environ, self._settings.home, "import-" + secrets.token_hex(4)),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
-        env = runner_env(os.environ, self._settings.home, "import-" + secrets.token_hex(4))
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *command,
-                pass_fds=(lifeline_read,),
-                start_new_session=True,  # its own process group: one signal ends all of it
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=env,
-            )
-        except OSError as e:
-            os.close(lifeline_write)
-            raise ExoError("internal", f"cannot start the converter: {e}") from e
-        finally:
-            os.close(lifeline_read)
         lines: asyncio.Queue[bytes] = asyncio.Queue()
         stderr: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         readers = [

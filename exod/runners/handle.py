@@ -142,26 +142,18 @@ async def spawn(
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{runner_id}.log"
     ours, theirs = socket.socketpair()
-    lifeline_read, lifeline_write = os.pipe()
-    command = runner_command(lifeline_read, theirs.fileno(), os.getpid(), settings.runner_wrapper)
-    env = runner_env(os.environ, settings.home, runner_id)
     # A local append-only file opens at once; no need to leave the loop for it.
     with open(log_path, "ab") as log_file, ours, theirs:  # noqa: ASYNC230
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *command,
-                pass_fds=(theirs.fileno(), lifeline_read),
-                start_new_session=True,  # its own process group: one signal ends all of it
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=asyncio.subprocess.STDOUT,
-                env=env,
-            )
-        except OSError as e:
-            os.close(lifeline_write)
-            raise ExoError("internal", f"cannot start a runner: {e}") from e
-        finally:
-            os.close(lifeline_read)
+        proc, lifeline_write = await process.spawn_group(
+            lambda lifeline: runner_command(
+                lifeline, theirs.fileno(), os.getpid(), settings.runner_wrapper
+            ),
+            what="a runner",
+            env=runner_env(os.environ, settings.home, runner_id),
+            stdout=log_file,
+            stderr=asyncio.subprocess.STDOUT,
+            pass_fds=(theirs.fileno(),),
+        )
         reader, writer = await asyncio.open_unix_connection(sock=ours.dup())
     runner = Runner(runner_id, model, model_path, proc, reader, writer, log_path)
     runner.lifeline = lifeline_write

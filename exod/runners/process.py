@@ -1,4 +1,5 @@
-"""Thin adapter over OS processes: end a process group and prove nothing of it survives.
+"""Thin adapter over OS processes: start a group under its lifeline, end a process group and
+prove nothing of it survives.
 
 Every runner leads its own process group (it is started with start_new_session), so the group id
 is the runner's pid and one signal reaches everything the runner started.
@@ -11,8 +12,44 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO
 
 import psutil
+
+from exod.errors import ExoError
+
+
+async def spawn_group(
+    command: Callable[[int], Sequence[str]],
+    *,
+    what: str,
+    env: Mapping[str, str],
+    stdout: int | IO[bytes],
+    stderr: int,
+    pass_fds: Sequence[int] = (),
+) -> tuple[asyncio.subprocess.Process, int]:
+    """Start `command(lifeline_fd)` (a shim command line) as the leader of a new process group,
+    with the read end of a fresh lifeline pipe. Returns the process and the lifeline's write
+    end, which only exod holds: closing it, or exod dying, makes the shim end the group.
+    """
+    lifeline_read, lifeline_write = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *command(lifeline_read),
+            pass_fds=(*pass_fds, lifeline_read),
+            start_new_session=True,  # its own process group: one signal ends all of it
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            env=env,
+        )
+    except OSError as e:
+        os.close(lifeline_write)
+        raise ExoError("internal", f"cannot start {what}: {e}") from e
+    finally:
+        os.close(lifeline_read)
+    return proc, lifeline_write
 
 
 def group_members(pgid: int) -> list[int]:
