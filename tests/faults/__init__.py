@@ -134,9 +134,19 @@ def runner_status(d: Daemon, runner_id: str) -> dict[str, Any]:
     return runner
 
 
-def wait_state(d: Daemon, runner_id: str, check: Callable[[dict[str, Any]], bool]) -> None:
+def wait_state(
+    d: Daemon,
+    runner_id: str,
+    check: Callable[[dict[str, Any]], bool],
+    client: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Wait until the runner's status passes `check`; a client that ended meanwhile (it could
+    never get there) fails at once, with what it said."""
     deadline = time.monotonic() + 30
     while not check(shown := runner_status(d, runner_id)):
+        if client is not None and client.poll() is not None:
+            out, err = client.communicate()
+            raise AssertionError(f"client ended with {client.returncode}: {out!r} {err!r}")
         assert time.monotonic() < deadline, shown
         time.sleep(0.05)
 

@@ -62,8 +62,19 @@ CONFIGS = {
         "EXOD_KILL_GRACE": str(GRACE),
         "EXOD_MAX_RUNNER_MEMORY": "300M",  # a tiny runner takes about 100 MiB
     },
-    # One generation at a time, so that a second run waits in the queue.
+    # One generation at a time, so that a second run waits in the queue; long enough a queue
+    # timeout that the wait is seen (each look is an `exoctl status`: seconds on a busy machine).
     "serial": {
+        "EXOD_RUNNER_WRAPPER": str(WRAPPER),
+        "EXOD_LOAD_STALL_TIMEOUT": str(LOAD_STALL),
+        "EXOD_DECODE_STALL_TIMEOUT": str(DECODE_STALL),
+        "EXOD_QUEUE_TIMEOUT": "120",
+        "EXOD_KILL_GRACE": str(GRACE),
+        "EXOD_MAX_RUNNER_MEMORY": "300M",
+        "EXOD_PARALLEL": "1",
+    },
+    # The same, for the fault that is the queue timeout itself.
+    "serial-timeout": {
         "EXOD_RUNNER_WRAPPER": str(WRAPPER),
         "EXOD_LOAD_STALL_TIMEOUT": str(LOAD_STALL),
         "EXOD_DECODE_STALL_TIMEOUT": str(DECODE_STALL),
@@ -134,7 +145,7 @@ FAULTS = [
     Fault("decoding", "drop", "kept", (DROPPED,)),
     # queued: a second run waits behind a generation that fills the batch
     Fault("queued", "cancel", "kept", ("killed", CANCELLED), config="serial"),
-    Fault("queued", "queue timeout", "kept", ("killed", "queue_timeout"), config="serial"),
+    Fault("queued", "queue timeout", "kept", ("killed", "queue_timeout"), config="serial-timeout"),
     Fault("queued", "SIGKILL runner", "crashed:SIGKILL", ("crashed", "crashed"), config="serial"),
     Fault("queued", "exoctl kill", "killed", ("killed", "killed"), config="serial"),
     # idle: the idle TTL, also for a runner that cannot act on SIGTERM until it gets SIGCONT
@@ -275,10 +286,10 @@ def at_queued(t: Trial, fault: Fault, model: Path) -> None:
     t.run(model)
     t.first_token(0)
     t.run(model)
-    wait_state(t.d, t.runner.runner_id, lambda r: r["queued"] == 1)
     if fault.action == "queue timeout":
         t.outcome(1)  # its wait is checked against the log's timestamps below
         return
+    wait_state(t.d, t.runner.runner_id, lambda r: r["queued"] == 1, t.clients[1])
     inject(t, fault.action)
 
 
