@@ -52,6 +52,7 @@ class Settings:
     parallel: int
     prompt_cache_bytes: int
     mlx_cache_limit: int
+    stream_interval: float
 
 
 @dataclass(frozen=True)
@@ -290,6 +291,14 @@ SETTINGS: tuple[Setting, ...] = (
         _share,
         "bound of MLX's buffer cache in a runner (freed buffers kept for reuse): bytes, or a "
         "percentage of EXOD_MAX_RUNNER_MEMORY; 0 leaves MLX's own limit",
+    ),
+    Setting(
+        "stream_interval",
+        "EXOD_STREAM_INTERVAL",
+        lambda env: "0.02",
+        _seconds,
+        "seconds between two pieces of one generation's text when tokens come faster (the "
+        "first goes at once); 0 sends every token as it comes",
     ),
     Setting(
         "log_level",

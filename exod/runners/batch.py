@@ -49,6 +49,8 @@ class BatchLoop:
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # by the BatchGenerator's uid
         self.cancelled: OrderedDict[str, None] = OrderedDict()
+        self.hold_s = load.stream_interval_s  # EXOD_STREAM_INTERVAL
+        self.prefilling = False  # the last step prefilled: the next may too
         self.gen = self._new_generator()
 
     def _new_generator(self) -> Any:
@@ -73,7 +75,8 @@ class BatchLoop:
                         return Exit.OK
                     self._handle(msg)
                     msg = self.inbox.poll()
-                self._admit()
+                if self._admit() or self.prefilling:
+                    self._flush_all()
                 if self.running:
                     self._step()
                 self._update_stats()
@@ -108,7 +111,7 @@ class BatchLoop:
             return
         if rid in self.cancelled:  # cancelled before it came
             del self.cancelled[rid]
-            self.channel.send(request.done("cancelled"))
+            self._end(request, "cancelled")
             return
         self.waiting.append(request)
 
@@ -118,12 +121,12 @@ class BatchLoop:
                 kept = self.gen.remove([uid], return_prompt_caches=request.generation_tokens > 0)
                 self._keep_cache(kept.get(uid))
                 del self.running[uid]
-                self.channel.send(request.done("cancelled"))
+                self._end(request, "cancelled")
                 return
         for request in self.waiting:
             if request.rid == rid:
                 self.waiting.remove(request)
-                self.channel.send(request.done("cancelled"))
+                self._end(request, "cancelled")
                 return
         self.cancelled[rid] = None
         while len(self.cancelled) > MAX_REMEMBERED_CANCELS:
@@ -131,8 +134,10 @@ class BatchLoop:
 
     # --- the batch --------------------------------------------------------------------------
 
-    def _admit(self) -> None:
-        """Move waiting requests into the batch, oldest first, up to Load.parallel."""
+    def _admit(self) -> bool:
+        """Move waiting requests into the batch, oldest first, up to Load.parallel; true when
+        any was moved (the next step prefills it)."""
+        admitted = False
         while self.waiting and len(self.running) < self.parallel:
             request = self.waiting.popleft()
             try:
@@ -148,13 +153,17 @@ class BatchLoop:
                 self._fail(request.rid, e)
                 continue
             request.cached_tokens = cached
+            request.hold_s = self.hold_s
             self.running[uid] = request
+            admitted = True
             self.stats.prompt_tokens += len(request.prompt)
             self.stats.cached_prompt_tokens += cached
+        return admitted
 
     def _step(self) -> None:
         try:
             prompt_responses, responses = self.gen.next()
+            self.prefilling = bool(prompt_responses)
         except Exception as e:
             # A step is everyone's: all of them fail, and a fresh generator serves the next.
             log.exception("a batch step failed")
@@ -193,7 +202,17 @@ class BatchLoop:
         else:
             return
         del self.running[r.uid]
-        self.channel.send(request.done())
+        self._end(request)
+
+    def _end(self, request: Request, stop_reason: str = "") -> None:
+        """The request's last text, then its Done."""
+        request.flush(self.channel.send)
+        self.channel.send(request.done(stop_reason))
+
+    def _flush_all(self) -> None:
+        """Send all held text: the next step prefills, which may take seconds."""
+        for request in self.running.values():
+            request.flush(self.channel.send)
 
     def _keep_cache(self, kept: tuple[list[Any], list[int]] | None) -> None:
         if kept is None:

@@ -189,5 +189,6 @@ def greeting(settings: Settings, model_path: str) -> list[runner_pb2.ToRunner]:
         parallel=settings.parallel,
         prompt_cache_bytes=settings.prompt_cache_bytes,
         mlx_cache_limit=settings.mlx_cache_limit,
+        stream_interval_s=settings.stream_interval,
     )
     return [runner_pb2.ToRunner(hello=hello), runner_pb2.ToRunner(load=load)]

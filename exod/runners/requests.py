@@ -146,6 +146,10 @@ class Request:
     ttft_s: float = 0.0
     tokens_per_s: float = 0.0
     stop_reason: str = ""
+    # Text ready but held for the next frame (see hold_s), and when the last frame went out.
+    held: list[str] = field(default_factory=list)
+    sent_at: float = 0.0
+    hold_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.stops = StopFilter(list(self.req.stop))
@@ -178,13 +182,29 @@ class Request:
     def _send(self, text: str, send: Send) -> None:
         # An empty segment (half a UTF-8 character, a space waiting for the next token, the
         # start of what may be a stop sequence) is not sent; its token is counted with the next
-        # segment that carries text.
-        if text:
-            tokens = runner_pb2.Tokens(request_id=self.rid, text=text, count=self.unsent_tokens)
-            send(runner_pb2.FromRunner(tokens=tokens))
-            self.unsent_tokens = 0
+        # segment that carries text. Text goes out at once when nothing was sent for hold_s (the
+        # first text always), else it waits for the next frame: when a step takes a few
+        # milliseconds, one frame per token would cost the daemon and the client more than the
+        # step itself (docs/architecture.md, "The token path").
+        if not text:
+            return
+        self.held.append(text)
+        if time.perf_counter() - self.sent_at >= self.hold_s:
+            self.flush(send)
+
+    def flush(self, send: Send) -> None:
+        """Send the held text now (the request ends, or the batch is about to prefill)."""
+        if not self.held:
+            return
+        text = "".join(self.held)
+        self.held.clear()
+        tokens = runner_pb2.Tokens(request_id=self.rid, text=text, count=self.unsent_tokens)
+        send(runner_pb2.FromRunner(tokens=tokens))
+        self.unsent_tokens = 0
+        self.sent_at = time.perf_counter()
 
     def done(self, stop_reason: str = "") -> runner_pb2.FromRunner:
+        """The Done of this request (after flush: it ends the request's text)."""
         done = runner_pb2.Done(
             request_id=self.rid,
             stop_reason=stop_reason or self.stop_reason or "length",

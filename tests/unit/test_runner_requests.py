@@ -3,6 +3,7 @@ and its own sampler."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,10 +35,11 @@ class FakeDetokenizer:
 
 
 def _run(
-    tokens: str, finish: str, stop: list[str] | None = None, eos: bool = False
+    tokens: str, finish: str, stop: list[str] | None = None, eos: bool = False, hold_s: float = 0
 ) -> tuple[Request, list[runner_pb2.FromRunner]]:
+    """Feed a request its tokens, then end it as the batch loop does (flush, then Done)."""
     req = runner_pb2.Generate(request_id="r", prompt="p", max_tokens=len(tokens), stop=stop or [])
-    request = Request(req, [1, 2, 3], FakeDetokenizer(), cached_tokens=2)
+    request = Request(req, [1, 2, 3], FakeDetokenizer(), cached_tokens=2, hold_s=hold_s)
     sent: list[runner_pb2.FromRunner] = []
     ids = [ord(c) for c in tokens] + ([EOS] if eos else [])
     for i, token in enumerate(ids):
@@ -45,6 +47,7 @@ def _run(
         request.add(token, finish if last else None, sent.append)
         if request.stops.stopped:
             break
+    request.flush(sent.append)
     return request, sent
 
 
@@ -89,6 +92,38 @@ def test_text_held_for_a_stop_sequence_that_never_comes_is_sent_at_the_end() -> 
 def test_a_cancel_overrides_the_reason() -> None:
     request, _ = _run("abc", "length")
     assert request.done("cancelled").done.stop_reason == "cancelled"
+
+
+def test_without_a_hold_each_token_is_a_frame_of_its_own() -> None:
+    _, sent = _run("hello", "length")
+    assert [(m.tokens.text, m.tokens.count) for m in sent] == [(c, 1) for c in "hello"]
+
+
+def test_text_within_the_interval_is_held_for_one_frame_but_the_first_goes_at_once() -> None:
+    request, sent = _run("hello world", "length", hold_s=3600)
+    assert [(m.tokens.text, m.tokens.count) for m in sent] == [("h", 1), ("ello world", 10)]
+    assert request.done().done.generation_tokens == 11
+
+
+def test_held_text_goes_with_the_next_token_once_the_interval_has_passed() -> None:
+    req = runner_pb2.Generate(request_id="r", prompt="p", max_tokens=9)
+    request = Request(req, [1], FakeDetokenizer(), hold_s=0.05)
+    sent: list[runner_pb2.FromRunner] = []
+    for c in "abc":
+        request.add(ord(c), None, sent.append)
+    time.sleep(0.06)
+    request.add(ord("d"), None, sent.append)
+    assert [(m.tokens.text, m.tokens.count) for m in sent] == [("a", 1), ("bcd", 3)]
+
+
+def test_holding_changes_how_text_is_cut_never_the_text() -> None:
+    for args in [("hello", "length"), ("ab<END>cd", "length"), ("ab<EN", "length"), ("hi", "stop")]:
+        stop = ["<END>"]
+        _, one_by_one = _run(*args, stop=stop, eos=args[1] == "stop")
+        request, held = _run(*args, stop=stop, eos=args[1] == "stop", hold_s=3600)
+        assert _text(held) == _text(one_by_one)
+        # The last frame also counts the tokens that made no text (a stop sequence, the end).
+        assert sum(m.tokens.count for m in held) == request.generation_tokens
 
 
 def test_greedy_requests_share_one_sampler_so_a_batch_samples_in_one_call() -> None:

@@ -159,6 +159,7 @@ class Load(_message.Message):
     PARALLEL_FIELD_NUMBER: _builtins.int
     PROMPT_CACHE_BYTES_FIELD_NUMBER: _builtins.int
     MLX_CACHE_LIMIT_FIELD_NUMBER: _builtins.int
+    STREAM_INTERVAL_S_FIELD_NUMBER: _builtins.int
     model_path: _builtins.str
     parallel: _builtins.int
     """how many generations may run at once (EXOD_PARALLEL); 0: 1"""
@@ -166,6 +167,8 @@ class Load(_message.Message):
     """the prompt cache's bound (EXOD_PROMPT_CACHE_BYTES); 0: off"""
     mlx_cache_limit: _builtins.int
     """mx.set_cache_limit for MLX's buffer cache; 0: MLX's default"""
+    stream_interval_s: _builtins.float
+    """a request's text goes out at most this often (EXOD_STREAM_INTERVAL)"""
     def __init__(
         self,
         *,
@@ -173,10 +176,11 @@ class Load(_message.Message):
         parallel: _builtins.int = ...,
         prompt_cache_bytes: _builtins.int = ...,
         mlx_cache_limit: _builtins.int = ...,
+        stream_interval_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mlx_cache_limit", b"mlx_cache_limit", "model_path", b"model_path", "parallel", b"parallel", "prompt_cache_bytes", b"prompt_cache_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mlx_cache_limit", b"mlx_cache_limit", "model_path", b"model_path", "parallel", b"parallel", "prompt_cache_bytes", b"prompt_cache_bytes", "stream_interval_s", b"stream_interval_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
