@@ -197,7 +197,8 @@ def status_lines(reply: control_pb2.StatusReply, *, show_all: bool, now: float) 
     """A header about the daemon, then one row per live runner; with `show_all` the ended ones
     too, with when and why they ended. `now` (Unix time) dates the ends."""
     header = (
-        f"exod {reply.version} (api {reply.api_version})  node {reply.node_id}  pid {reply.pid}  "
+        f"exod {reply.version} (api {reply.api_version})  node {reply.node_id} ({reply.node_name})  "
+        f"pid {reply.pid}  "
         f"up {human_duration(reply.uptime_s)}  home {reply.home}"
     )
     lines = [header, *(f"warning: {w.code}: {w.message}" for w in reply.warnings)]
@@ -222,6 +223,7 @@ def status_json(reply: control_pb2.StatusReply) -> dict[str, Any]:
         "version": reply.version,
         "api_version": reply.api_version,
         "node_id": reply.node_id,
+        "node_name": reply.node_name,
         "home": reply.home,
         "pid": reply.pid,
         "uptime_s": reply.uptime_s,

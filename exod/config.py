@@ -12,6 +12,7 @@ import os
 import pwd
 import re
 import shlex
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -53,6 +54,7 @@ class Settings:
     prompt_cache_bytes: int
     mlx_cache_limit: int
     stream_interval: float
+    node_name: str
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ _BYTES = "expected a size in bytes, at least 1, such as 4M or 1048576 (not a per
 _PORT = "expected a TCP port, 1 to 65535, or 0 to turn the HTTP API off"
 _IP = "expected an IP address such as 127.0.0.1, ::1 or 0.0.0.0, not a host name"
 _HOSTS = "expected host names separated by commas, e.g. mybox.local,mybox (IPv6 in brackets)"
+_NODE_NAME = "expected a name of 1 to 63 printable characters, e.g. studio or mac-mini-2"
 _COMMAND = "expected a command prefix split like a shell would, e.g. 'nice -n 10'"
 _SHARE = (
     "expected a size such as 2G, 512M or 1073741824 (bytes), 0 for none, or a percentage of "
@@ -123,6 +126,18 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise ValueError(_POSITIVE_INT)
     return value
+
+
+def default_node_name() -> str:
+    """The host name without its domain (a Mac's `studio.local` is `studio`)."""
+    return socket.gethostname().split(".")[0] or "node"
+
+
+def _node_name(text: str) -> str:
+    name = text.strip()
+    if not 0 < len(name) <= 63 or not name.isprintable():
+        raise ValueError(_NODE_NAME)
+    return name
 
 
 def _log_level(text: str) -> str:
@@ -299,6 +314,13 @@ SETTINGS: tuple[Setting, ...] = (
         _seconds,
         "seconds between two pieces of one generation's text when tokens come faster (the "
         "first goes at once); 0 sends every token as it comes",
+    ),
+    Setting(
+        "node_name",
+        "EXOD_NODE_NAME",
+        lambda env: default_node_name(),
+        _node_name,
+        "this node's name, shown to people beside its id (the host name by default)",
     ),
     Setting(
         "log_level",

@@ -114,6 +114,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
             version=__version__,
             api_version=API_VERSION,
             node_id=self._node.id,
+            node_name=self._settings.node_name,
             home=str(self._settings.home),
             pid=os.getpid(),
             uptime_s=time.time() - self._node.started,

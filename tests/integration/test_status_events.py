@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +24,8 @@ def test_status_json_describes_the_daemon_and_its_runners(shared_exod: Daemon, q
     assert status["version"] == __version__
     assert status["pid"] == shared_exod.pid
     assert status["home"] == str(shared_exod.home)
-    assert status["node_id"]
+    assert re.fullmatch(r"n-[0-9a-f]{12}", status["node_id"])
+    assert status["node_name"] == socket.gethostname().split(".")[0]
     (runner,) = [r for r in status["runners"] if r["model_path"] == str(qwen2)]
     assert runner["id"].startswith("r-")
     assert runner["model"] == str(qwen2)

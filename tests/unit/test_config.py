@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import socket
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,10 @@ PYTHON_WORDS = ("could not convert", "invalid literal", "does not appear to be",
         ("http_max_body", "10%", "expected a size in bytes, at least 1, such as 4M"),
         ("http_max_body", "0", "expected a size in bytes"),
         ("home", "", "expected a path, not an empty value"),
+        ("node_name", "", "expected a name of 1 to 63 printable characters"),
+        ("node_name", "x" * 64, "expected a name of 1 to 63 printable characters"),
+        ("node_name", "a\tb", "expected a name of 1 to 63 printable characters"),
+        ("stream_interval", "-0.1", "expected seconds, 0 or more"),
     ],
 )
 def test_an_invalid_value_says_what_a_valid_one_looks_like(
@@ -112,6 +117,11 @@ def test_an_invalid_value_says_what_a_valid_one_looks_like(
         assert expected in message
         assert "\n" not in message
         assert not any(words in message for words in PYTHON_WORDS), message
+
+
+def test_the_node_name_is_the_host_name_without_its_domain_unless_set() -> None:
+    assert config.load({}, ENV).node_name == socket.gethostname().split(".")[0]
+    assert config.load({}, {**ENV, "EXOD_NODE_NAME": " studio "}).node_name == "studio"
 
 
 def test_a_flag_wins_so_its_name_is_the_one_reported() -> None:
@@ -148,7 +158,7 @@ def _doc_defaults() -> dict[str, str]:
 
 @pytest.mark.parametrize("setting", [s for s in config.SETTINGS if s.default(ENV)], ids=str)
 def test_the_docs_give_the_default_that_exod_help_gives(setting: config.Setting) -> None:
-    if setting.name == "home":  # the platform's state dir: the docs spell out each platform
+    if setting.name in ("home", "node_name"):  # this machine's: the docs say what it is
         return
     assert _doc_defaults()[setting.env] == f"`{setting.default(ENV)}`"
 

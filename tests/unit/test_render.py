@@ -24,6 +24,7 @@ def _status() -> control_pb2.StatusReply:
         version="0.1.0",
         api_version=API_VERSION,
         node_id="n-7f3a",
+        node_name="studio",
         home="/home/u/.local/state/exod",
         pid=4242,
         uptime_s=7384.5,
@@ -155,7 +156,7 @@ def test_cut_keeps_one_line_and_marks_the_cut() -> None:
 
 def test_status_lines_show_the_live_runners_and_count_the_ended_ones() -> None:
     assert render.status_lines(_status(), show_all=False, now=NOW) == [
-        "exod 0.1.0 (api 1)  node n-7f3a  pid 4242  up 2h03m  home /home/u/.local/state/exod",
+        "exod 0.1.0 (api 1)  node n-7f3a (studio)  pid 4242  up 2h03m  home /home/u/.local/state/exod",
         "ID   MODEL  STATE  PID  MLX_PID  ACTIVE  QUEUED  MEMORY   CACHE     HIT",
         "r-1  demo   ready  999  1001     3       2       1.5 GiB  48.0 MiB  43%",
         "2 ended runners not shown; `exoctl status --all` shows why they ended",
@@ -253,6 +254,7 @@ def test_status_json_has_the_documented_shape_and_every_runner() -> None:
         "version",
         "api_version",
         "node_id",
+        "node_name",
         "home",
         "pid",
         "uptime_s",

@@ -247,6 +247,7 @@ class StatusReply(_message.Message):
     RUNNERS_FIELD_NUMBER: _builtins.int
     EVENT_COUNT_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    NODE_NAME_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     api_version: _builtins.str
     node_id: _builtins.str
@@ -254,6 +255,8 @@ class StatusReply(_message.Message):
     pid: _builtins.int
     uptime_s: _builtins.float
     event_count: _builtins.int
+    node_name: _builtins.str
+    """EXOD_NODE_NAME, the host name by default"""
     @_builtins.property
     def runners(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunnerInfo]: ...
     @_builtins.property
@@ -272,10 +275,11 @@ class StatusReply(_message.Message):
         runners: _abc.Iterable[Global___RunnerInfo] | None = ...,
         event_count: _builtins.int = ...,
         warnings: _abc.Iterable[Global___Warning] | None = ...,
+        node_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "event_count", b"event_count", "home", b"home", "node_id", b"node_id", "pid", b"pid", "runners", b"runners", "uptime_s", b"uptime_s", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "event_count", b"event_count", "home", b"home", "node_id", b"node_id", "node_name", b"node_name", "pid", b"pid", "runners", b"runners", "uptime_s", b"uptime_s", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
