@@ -1,0 +1,1 @@
+"""The cluster: membership, peers, discovery, placement."""
