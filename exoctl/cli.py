@@ -44,6 +44,7 @@ def cli() -> None:
       exoctl status --all              what runs, how big; why runners ended
       exoctl events --follow --json    the event log, live, one JSON object a line
       exoctl kill --all                stop every runner
+      exoctl cluster init              make a cluster; `cluster invite` / `join` add nodes
 
     \b
     Exit codes (sysexits.h; docs/exit-codes.md):
@@ -309,4 +310,5 @@ def events_command(
 
 
 cli.add_lazy_command("models", "exoctl.models:models_group")
+cli.add_lazy_command("cluster", "exoctl.cluster:cluster_group")
 cli.add_lazy_command("service", "exoctl.service:service_group")

@@ -24,6 +24,8 @@ from exod.proto.exo.v1 import control_pb2, control_pb2_grpc
 # Prompts of a few megabytes must fit; gRPC's default is 4 MiB.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 UNARY_TIMEOUT_S = 10.0
+# A join waits on another machine, bounded by exod's EXOD_PEER_TIMEOUT (up to this much).
+JOIN_TIMEOUT_S = 300.0
 # Lets exod refuse (or adapt to) a client from another release.
 METADATA = (("exo-api-version", API_VERSION),)
 
@@ -73,10 +75,15 @@ class Client:
     def failure(self, err: grpc.RpcError, *, mid_stream: bool = False) -> Failure:
         return from_rpc_error(err, str(self.socket), mid_stream=mid_stream)
 
-    def _unary(self, method: grpc.UnaryUnaryMultiCallable[Req, Rep], request: Req) -> Rep:
+    def _unary(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[Req, Rep],
+        request: Req,
+        timeout: float = UNARY_TIMEOUT_S,
+    ) -> Rep:
         try:
             # Not wait_for_ready: a daemon that is not there must fail now, with 69.
-            return method(request, timeout=UNARY_TIMEOUT_S, metadata=METADATA, wait_for_ready=False)
+            return method(request, timeout=timeout, metadata=METADATA, wait_for_ready=False)
         except grpc.RpcError as e:
             raise self.failure(e) from None
 
@@ -107,6 +114,16 @@ class Client:
 
     def models(self, request: control_pb2.ModelsRequest) -> control_pb2.ModelsReply:
         return self._unary(self._stub.Models, request)
+
+    def cluster_init(self) -> control_pb2.ClusterReply:
+        return self._unary(self._stub.ClusterInit, control_pb2.ClusterInitRequest())
+
+    def cluster_invite(self, ttl_s: int) -> control_pb2.ClusterInviteReply:
+        return self._unary(self._stub.ClusterInvite, control_pb2.ClusterInviteRequest(ttl_s=ttl_s))
+
+    def cluster_join(self, token: str) -> control_pb2.ClusterReply:
+        request = control_pb2.ClusterJoinRequest(token=token)
+        return self._unary(self._stub.ClusterJoin, request, JOIN_TIMEOUT_S)
 
     def run(self, request: control_pb2.RunRequest) -> grpc.CallIterator[control_pb2.RunReply]:
         """The generation's replies; RpcErrors surface while iterating (see self.failure)."""

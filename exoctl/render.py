@@ -197,11 +197,13 @@ def status_lines(reply: control_pb2.StatusReply, *, show_all: bool, now: float) 
     """A header about the daemon, then one row per live runner; with `show_all` the ended ones
     too, with when and why they ended. `now` (Unix time) dates the ends."""
     header = (
-        f"exod {reply.version} (api {reply.api_version})  node {reply.node_id} ({reply.node_name})  "
-        f"pid {reply.pid}  "
+        f"exod {reply.version} (api {reply.api_version})  "
+        f"node {reply.node_id} ({reply.node_name})  pid {reply.pid}  "
         f"up {human_duration(reply.uptime_s)}  home {reply.home}"
     )
     lines = [header, *(f"warning: {w.code}: {w.message}" for w in reply.warnings)]
+    if reply.HasField("cluster"):
+        lines.append(f"cluster {reply.cluster.id}  CA {reply.cluster.ca_fingerprint}")
     shown = [r for r in reply.runners if show_all or not has_ended(r)]
     hidden = len(reply.runners) - len(shown)
     if shown:
@@ -229,6 +231,7 @@ def status_json(reply: control_pb2.StatusReply) -> dict[str, Any]:
         "uptime_s": reply.uptime_s,
         "event_count": reply.event_count,
         "warnings": [{"code": w.code, "message": w.message} for w in reply.warnings],
+        "cluster": cluster_json(reply.cluster) if reply.HasField("cluster") else None,
         "runners": [
             {
                 "id": r.id,
@@ -250,6 +253,10 @@ def status_json(reply: control_pb2.StatusReply) -> dict[str, Any]:
             for r in reply.runners
         ],
     }
+
+
+def cluster_json(info: control_pb2.ClusterInfo) -> dict[str, Any]:
+    return {"id": info.id, "ca_fingerprint": info.ca_fingerprint}
 
 
 # --- events -------------------------------------------------------------------------------------

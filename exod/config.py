@@ -55,6 +55,12 @@ class Settings:
     mlx_cache_limit: int
     stream_interval: float
     node_name: str
+    peer_port: int
+    join_port: int
+    peer_bind: str
+    peer_timeout: float
+    cert_lifetime: int
+    mdns_interfaces: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,11 @@ _BYTES = "expected a size in bytes, at least 1, such as 4M or 1048576 (not a per
 _PORT = "expected a TCP port, 1 to 65535, or 0 to turn the HTTP API off"
 _IP = "expected an IP address such as 127.0.0.1, ::1 or 0.0.0.0, not a host name"
 _HOSTS = "expected host names separated by commas, e.g. mybox.local,mybox (IPv6 in brackets)"
+_PEER_PORT = "expected a TCP port, 1 to 65535"
+_LIFETIME = (
+    "expected a duration of at least one hour: seconds (31536000), or days or hours (365d, 12h)"
+)
+_INTERFACES = "expected IP addresses separated by commas, e.g. 192.168.1.20,10.0.0.5 (empty: all)"
 _NODE_NAME = "expected a name of 1 to 63 printable characters, e.g. studio or mac-mini-2"
 _COMMAND = "expected a command prefix split like a shell would, e.g. 'nice -n 10'"
 _SHARE = (
@@ -196,6 +207,37 @@ def _port(text: str) -> int:
     if not 0 <= value <= 65535:
         raise ValueError(_PORT)
     return value
+
+
+def _peer_port(text: str) -> int:
+    value = _parsed(int, text, _PEER_PORT)
+    if not 0 < value <= 65535:
+        raise ValueError(_PEER_PORT)
+    return value
+
+
+_DURATION = re.compile(r"(\d+)\s*([dh]?)")
+
+
+def _lifetime(text: str) -> int:
+    """Seconds from `31536000`, `365d` or `12h`; at least an hour (renewal runs at two thirds)."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if match is None:
+        raise ValueError(_LIFETIME)
+    value = int(match.group(1)) * {"": 1, "h": 3600, "d": 86400}[match.group(2)]
+    if value < 3600:
+        raise ValueError(_LIFETIME)
+    return value
+
+
+def _interfaces(text: str) -> tuple[str, ...]:
+    addresses = []
+    for part in (p.strip() for p in text.split(",")):
+        if part:
+            addresses.append(
+                str(_parsed(ipaddress.ip_address, part, f"{_INTERFACES}; {part!r} is not one"))
+            )
+    return tuple(addresses)
 
 
 def _ip_address(text: str) -> str:
@@ -321,6 +363,50 @@ SETTINGS: tuple[Setting, ...] = (
         lambda env: default_node_name(),
         _node_name,
         "this node's name, shown to people beside its id (the host name by default)",
+    ),
+    Setting(
+        "peer_port",
+        "EXOD_PEER_PORT",
+        lambda env: "52416",
+        _peer_port,
+        "TCP port members of this node's cluster call it on (mutual TLS); nothing listens on it "
+        "until the node belongs to a cluster",
+    ),
+    Setting(
+        "join_port",
+        "EXOD_JOIN_PORT",
+        lambda env: "52417",
+        _peer_port,
+        "TCP port a node joining with an invite calls (TLS; it can only present the invite); "
+        "open only on the node holding the cluster's CA key",
+    ),
+    Setting(
+        "peer_bind",
+        "EXOD_PEER_BIND",
+        lambda env: "0.0.0.0",  # noqa: S104  # peers on the LAN must reach it; mTLS guards it
+        _ip_address,
+        "address the peer and join ports listen on; 0.0.0.0 is every IPv4 interface",
+    ),
+    Setting(
+        "peer_timeout",
+        "EXOD_PEER_TIMEOUT",
+        lambda env: "10",
+        _positive_seconds,
+        "seconds until a silent peer counts as unreachable (a join gives up after this)",
+    ),
+    Setting(
+        "cert_lifetime",
+        "EXOD_CERT_LIFETIME",
+        lambda env: "365d",
+        _lifetime,
+        "how long a certificate this node signs lasts: seconds, or days or hours (365d, 12h)",
+    ),
+    Setting(
+        "mdns_interfaces",
+        "EXOD_MDNS_INTERFACES",
+        lambda env: "",
+        _interfaces,
+        "addresses of the interfaces mDNS announces and browses on, comma-separated (empty: all)",
     ),
     Setting(
         "log_level",
@@ -474,6 +560,11 @@ def load(flags: Mapping[str, str | None], environ: Mapping[str, str] | None = No
             f"{named['http_bind']} {values['http_bind']} is reachable beyond this machine, and "
             "without a key anyone who reaches it could run models: set EXOD_API_KEY_FILE or "
             "--api-key-file to a file holding a key, or bind 127.0.0.1"
+        )
+    if values["peer_port"] == values["join_port"]:
+        raise ConfigError(
+            f"{named['peer_port']} and {named['join_port']} are both {values['peer_port']}: "
+            "the peer port (mutual TLS) and the join port (invites) must differ"
         )
     # Shares of the runner cap are resolved once the cap is known.
     for name in ("prompt_cache_bytes", "mlx_cache_limit"):

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import IO
 
 from exod import __version__, config
+from exod.cluster import tls_store
+from exod.cluster.control import CannotListen, Cluster, tls_dir
 from exod.config import Settings
 from exod.control import server as control_server
 from exod.control.service import ControlService, Node
@@ -236,11 +238,17 @@ async def serve(settings: Settings) -> None:
     node_id = read_or_create(settings.home / "node_id", "n-" + secrets.token_hex(6), valid_node_id)
     secret_hex = read_or_create(settings.home / "secret", secrets.token_hex(32), valid_secret)
     secret = bytes.fromhex(secret_hex)
+    try:
+        # Read before the log: damaged cluster files refuse the start at once (78).
+        material = tls_store.load(tls_dir(settings))
+    except tls_store.TlsStoreError as e:
+        raise Refused(Exit.TEMPFAIL if e.disk_full else Exit.CONFIG, str(e)) from e
     journal = open_journal(settings, node_id)
     try:
         supervisor = Supervisor(journal, settings, MemoryCgroups.setup())
         runs = Runs(settings, journal, supervisor, secret)
-        node = Node(id=node_id, started=time.time(), localnet=LocalNetwork())
+        cluster = Cluster(settings, node_id, journal, material)
+        node = Node(id=node_id, started=time.time(), localnet=LocalNetwork(), cluster=cluster)
         await serve_until_stopped(settings, node, runs, notifier)
         try:
             journal.append(events_pb2.Event(node_stopped=events_pb2.NodeStopped(reason="signal")))
@@ -271,6 +279,13 @@ async def serve_until_stopped(
     except RuntimeError as e:  # gRPC's bind failure; check_socket_path caught the usual causes
         fix = SOCKET_FIX.format(user=config.user_name())
         raise Refused(Exit.CONFIG, f"cannot listen on {settings.socket}: {e}; {fix}") from e
+    try:
+        # A member listens on its peer port again; a node in no cluster listens on none.
+        await node.cluster.start()
+    except CannotListen as e:
+        await server.stop(grace=None)
+        http.close()
+        raise Refused(Exit.CONFIG, str(e)) from e
     log.info("exod %s serving on %s (node %s)", __version__, settings.socket, node.id)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -290,7 +305,7 @@ async def serve_until_stopped(
     health.cancel()
     await control_server.set_serving(checker, False)
     http.close()  # no new requests; those in flight end with their runs, just below
-    await asyncio.gather(supervisor.shutdown(), control.shutdown())
+    await asyncio.gather(supervisor.shutdown(), control.shutdown(), node.cluster.stop())
     await http.wait_closed()
     await server.stop(grace=1.0)
     with contextlib.suppress(FileNotFoundError):

@@ -73,6 +73,16 @@ REASONS: dict[str, Reason] = {
     "home_locked": Reason(
         grpc.StatusCode.UNAVAILABLE, Exit.TEMPFAIL, "another exod holds the home"
     ),
+    "peer_unreachable": Reason(
+        grpc.StatusCode.UNAVAILABLE, Exit.TEMPFAIL, "a cluster peer did not answer"
+    ),
+    # the cluster
+    "invite_refused": Reason(
+        grpc.StatusCode.PERMISSION_DENIED, Exit.PERMISSION, "invite used, expired or unknown"
+    ),
+    "protocol_mismatch": Reason(
+        grpc.StatusCode.FAILED_PRECONDITION, Exit.CONFIG, "peer speaks another protocol version"
+    ),
     # the daemon
     "daemon_stopped": Reason(grpc.StatusCode.UNAVAILABLE, Exit.UNAVAILABLE, "daemon stopped"),
     "permission_denied": Reason(

@@ -24,6 +24,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from exod import API_VERSION, __version__
+from exod.cluster.control import Cluster
 from exod.errors import REASON_KEY, ExoError
 from exod.eventlog import Record, RunnerView, StoreError
 from exod.models import MODEL_NAME_PATTERN
@@ -47,6 +48,7 @@ class Node:
     id: str
     started: float
     localnet: LocalNetwork
+    cluster: Cluster
 
 
 Req = TypeVar("Req")
@@ -121,6 +123,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
             runners=runners,
             event_count=state.last_seq,
             warnings=self._warnings(),
+            cluster=self._node.cluster.info(),
         )
 
     def _warnings(self) -> list[control_pb2.Warning]:
@@ -209,6 +212,46 @@ class ControlService(control_pb2_grpc.ControlServicer):
             if not request.follow:
                 return
             await self._journal.wait_beyond(since)
+
+    # --- Cluster ----------------------------------------------------------------------------------
+
+    async def ClusterInit(  # gRPC method names are CamelCase
+        self,
+        request: control_pb2.ClusterInitRequest,
+        context: grpc.aio.ServicerContext[control_pb2.ClusterInitRequest, control_pb2.ClusterReply],
+    ) -> control_pb2.ClusterReply:
+        try:
+            return await self._node.cluster.init()
+        except ExoError as e:
+            await abort(context, e)
+        except StoreError as e:
+            await abort(context, store_failure(e))
+
+    async def ClusterInvite(  # gRPC method names are CamelCase
+        self,
+        request: control_pb2.ClusterInviteRequest,
+        context: grpc.aio.ServicerContext[
+            control_pb2.ClusterInviteRequest, control_pb2.ClusterInviteReply
+        ],
+    ) -> control_pb2.ClusterInviteReply:
+        try:
+            return await self._node.cluster.invite(request.ttl_s)
+        except ExoError as e:
+            await abort(context, e)
+        except StoreError as e:
+            await abort(context, store_failure(e))
+
+    async def ClusterJoin(  # gRPC method names are CamelCase
+        self,
+        request: control_pb2.ClusterJoinRequest,
+        context: grpc.aio.ServicerContext[control_pb2.ClusterJoinRequest, control_pb2.ClusterReply],
+    ) -> control_pb2.ClusterReply:
+        try:
+            return await self._node.cluster.join(request.token)
+        except ExoError as e:
+            await abort(context, e)
+        except StoreError as e:
+            await abort(context, store_failure(e))
 
     # --- Models -----------------------------------------------------------------------------------
 

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 
 from exod.eventlog.records import Record, kind_of
+from exod.proto.exo.v1 import events_pb2
 
 # Bump whenever the meaning of the fold or the shape of `encode` changes: snapshots carry it,
 # and a snapshot of another version is ignored and rebuilt from the log.
-FOLD_VERSION: int = 2
+FOLD_VERSION: int = 3
 # Ended runners kept for `exoctl status` to show why they ended; older ones are forgotten so the
 # state, and so every snapshot, stays the same size however long the daemon runs.
 MAX_ENDED_RUNNERS = 32
@@ -78,12 +79,36 @@ class ModelView:
 
 
 @dataclass(frozen=True)
+class InviteView:
+    """An invite this node issued: only the secret's digest is known, never the secret."""
+
+    digest: str
+    expires: float  # unix seconds
+    used_by: str = ""  # the node that joined with it; "" while unused
+
+
+@dataclass(frozen=True)
+class MemberView:
+    """A node that joined the cluster through this node (its CA's holder)."""
+
+    id: str
+    name: str
+    addresses: tuple[str, ...]
+    port: int
+    cert_fingerprint: str
+
+
+@dataclass(frozen=True)
 class State:
     runners: Mapping[str, RunnerView]
     runs: Mapping[str, RunView]
     models: Mapping[str, ModelView]
     last_seq: int  # the seq of the last record folded in
     starts: int  # how many times this node's daemon has started
+    # Invites are forgotten once expired (at the next one issued), so they stay few.
+    invites: Mapping[str, InviteView] = field(default_factory=lambda: MappingProxyType({}))
+    members: Mapping[str, MemberView] = field(default_factory=lambda: MappingProxyType({}))
+    ca_node: str = ""  # the node holding the cluster's CA key, as of the last ClusterEntered
 
 
 def _frozen(items: dict[K, V]) -> Mapping[K, V]:
@@ -113,7 +138,7 @@ def alive_runners(state: State) -> list[RunnerView]:
     return sorted(alive, key=lambda r: (r.spawned_at, r.id))
 
 
-def _apply(state: State, record: Record) -> State:  # noqa: PLR0911  one return per kind reads best
+def _apply(state: State, record: Record) -> State:  # noqa: PLR0911, PLR0912  one case per kind reads best
     e, ts = record.event, record.ts
     match record.kind:
         case "NodeStarted":
@@ -163,9 +188,33 @@ def _apply(state: State, record: Record) -> State:  # noqa: PLR0911  one return 
             return replace(state, models=_with(state.models, model.name, model))
         case "ModelRemoved":
             return replace(state, models=_without(state.models, e.model_removed.name))
+        case "InviteIssued":
+            i = e.invite_issued
+            live = {k: v for k, v in state.invites.items() if v.expires > ts}
+            live[i.secret_digest] = InviteView(digest=i.secret_digest, expires=float(i.expires))
+            return replace(state, invites=_frozen(live))
+        case "NodeJoined":
+            return _joined(state, e.node_joined)
+        case "ClusterEntered":
+            return replace(state, ca_node=e.cluster_entered.ca_node_id)
         case _:
             # NodeStopped changes nothing; it is logged for people reading `exoctl events`.
             return state
+
+
+def _joined(state: State, j: events_pb2.NodeJoined) -> State:
+    member = MemberView(
+        id=j.node_id,
+        name=j.name,
+        addresses=tuple(j.addresses),
+        port=j.port,
+        cert_fingerprint=j.cert_fingerprint,
+    )
+    invites = state.invites
+    invite = invites.get(j.secret_digest)
+    if invite is not None:
+        invites = _with(invites, invite.digest, replace(invite, used_by=j.node_id))
+    return replace(state, invites=invites, members=_with(state.members, member.id, member))
 
 
 def _ready(state: State, runner_id: str) -> State:
@@ -216,6 +265,9 @@ def encode(state: State) -> bytes:
         "runners": [asdict(r) for r in state.runners.values()],
         "runs": [asdict(r) for r in state.runs.values()],
         "models": [asdict(m) for m in state.models.values()],
+        "invites": [asdict(i) for i in state.invites.values()],
+        "members": [asdict(m) for m in state.members.values()],
+        "ca_node": state.ca_node,
     }
     return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -230,6 +282,9 @@ def decode(data: bytes) -> State:
             models=_frozen({m.name: m for m in map(_model, _list(doc, "models"))}),
             last_seq=_int(doc, "last_seq"),
             starts=_int(doc, "starts"),
+            invites=_frozen({i.digest: i for i in map(_invite, _list(doc, "invites", []))}),
+            members=_frozen({m.id: m for m in map(_member, _list(doc, "members", []))}),
+            ca_node=_str({"ca_node": doc.get("ca_node", "")}, "ca_node"),
         )
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"not a state of fold version {FOLD_VERSION}: {e!r}") from None
@@ -280,6 +335,25 @@ def _model(d: Any) -> ModelView:
     )
 
 
+def _invite(d: Any) -> InviteView:
+    return InviteView(
+        digest=_str(d, "digest"), expires=_float(d, "expires"), used_by=_str(d, "used_by")
+    )
+
+
+def _member(d: Any) -> MemberView:
+    addresses = _list(d, "addresses")
+    if not all(isinstance(a, str) for a in addresses):
+        raise TypeError("addresses is not a list of strings")
+    return MemberView(
+        id=_str(d, "id"),
+        name=_str(d, "name"),
+        addresses=tuple(addresses),
+        port=_int(d, "port"),
+        cert_fingerprint=_str(d, "cert_fingerprint"),
+    )
+
+
 # Typed reads from parsed JSON: a value of the wrong type is a damaged snapshot, not a crash later.
 
 
@@ -306,8 +380,9 @@ def _float(d: Any, key: str) -> float:
     return float(value)
 
 
-def _list(d: Any, key: str) -> list[Any]:
-    value = d[key]
+def _list(d: Any, key: str, default: list[Any] | None = None) -> list[Any]:
+    # A default for what came later (the cluster's invites and members) and may be absent.
+    value = d[key] if default is None else d.get(key, default)
     if not isinstance(value, list):
         raise TypeError(f"{key} is not a list")
     return value

@@ -28,6 +28,9 @@ STATUSES: dict[str, Status] = {
     "prompt_empty": Status(400),
     "prompt_too_long": Status(400),
     "permission_denied": Status(403),
+    # The cluster's (never the answer to a run today; listed so that every reason has a status).
+    "invite_refused": Status(403),
+    "protocol_mismatch": Status(500),
     "model_not_found": Status(404),
     "runner_not_found": Status(404),
     # The model cannot run here. Not a 5xx: clients retry those, and retrying cannot help.
@@ -49,6 +52,7 @@ STATUSES: dict[str, Status] = {
     "interrupted": Status(503, retry_after=1),
     "daemon_stopped": Status(503, retry_after=5),
     "home_locked": Status(503, retry_after=5),
+    "peer_unreachable": Status(503, retry_after=5),
     # A deadline that exod enforces passed.
     "load_timeout": Status(504),
     "load_stall": Status(504),

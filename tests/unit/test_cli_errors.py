@@ -316,6 +316,22 @@ class FakeControl(control_pb2_grpc.ControlServicer):
         yield control_pb2.ImportReply(progress=progress)
         # Then the stream ends without `done`, as when exod stops mid-import.
 
+    # The cluster commands are tested against real exods (tests/integration/test_cluster_join.py).
+    def ClusterInit(
+        self, request: control_pb2.ClusterInitRequest, context: Any
+    ) -> control_pb2.ClusterReply:
+        raise NotImplementedError
+
+    def ClusterInvite(
+        self, request: control_pb2.ClusterInviteRequest, context: Any
+    ) -> control_pb2.ClusterInviteReply:
+        raise NotImplementedError
+
+    def ClusterJoin(
+        self, request: control_pb2.ClusterJoinRequest, context: Any
+    ) -> control_pb2.ClusterReply:
+        raise NotImplementedError
+
 
 @pytest.fixture
 def fake() -> Iterator[tuple[FakeControl, str]]:

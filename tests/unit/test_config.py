@@ -98,6 +98,13 @@ PYTHON_WORDS = ("could not convert", "invalid literal", "does not appear to be",
         ("node_name", "x" * 64, "expected a name of 1 to 63 printable characters"),
         ("node_name", "a\tb", "expected a name of 1 to 63 printable characters"),
         ("stream_interval", "-0.1", "expected seconds, 0 or more"),
+        ("peer_port", "0", "expected a TCP port, 1 to 65535"),
+        ("join_port", "65536", "expected a TCP port, 1 to 65535"),
+        ("peer_bind", "my-mac.local", "expected an IP address"),
+        ("peer_timeout", "0", "expected seconds, more than 0"),
+        ("cert_lifetime", "1y", "expected a duration of at least one hour"),
+        ("cert_lifetime", "59", "expected a duration of at least one hour"),
+        ("mdns_interfaces", "10.0.0.1,eth0", "'eth0' is not one"),
     ],
 )
 def test_an_invalid_value_says_what_a_valid_one_looks_like(
@@ -122,6 +129,21 @@ def test_an_invalid_value_says_what_a_valid_one_looks_like(
 def test_the_node_name_is_the_host_name_without_its_domain_unless_set() -> None:
     assert config.load({}, ENV).node_name == socket.gethostname().split(".")[0]
     assert config.load({}, {**ENV, "EXOD_NODE_NAME": " studio "}).node_name == "studio"
+
+
+def test_the_cluster_settings() -> None:
+    s = config.load({}, ENV)
+    assert (s.peer_port, s.join_port, s.peer_bind, s.peer_timeout) == (52416, 52417, "0.0.0.0", 10)
+    assert s.cert_lifetime == 365 * 86400 and s.mdns_interfaces == ()
+    env = {**ENV, "EXOD_CERT_LIFETIME": "12h", "EXOD_MDNS_INTERFACES": " 10.0.0.5, fe80::1 ,"}
+    s = config.load({}, env)
+    assert s.cert_lifetime == 12 * 3600 and s.mdns_interfaces == ("10.0.0.5", "fe80::1")
+    assert config.load({}, {**ENV, "EXOD_CERT_LIFETIME": "7200"}).cert_lifetime == 7200
+
+
+def test_the_peer_and_join_ports_must_differ() -> None:
+    with pytest.raises(config.ConfigError, match=r"^EXOD_PEER_PORT and --join-port are both 9000"):
+        config.load({"join_port": "9000"}, {**ENV, "EXOD_PEER_PORT": "9000"})
 
 
 def test_a_flag_wins_so_its_name_is_the_one_reported() -> None:

@@ -156,7 +156,8 @@ def test_cut_keeps_one_line_and_marks_the_cut() -> None:
 
 def test_status_lines_show_the_live_runners_and_count_the_ended_ones() -> None:
     assert render.status_lines(_status(), show_all=False, now=NOW) == [
-        "exod 0.1.0 (api 1)  node n-7f3a (studio)  pid 4242  up 2h03m  home /home/u/.local/state/exod",
+        "exod 0.1.0 (api 1)  node n-7f3a (studio)  pid 4242  "
+        "up 2h03m  home /home/u/.local/state/exod",
         "ID   MODEL  STATE  PID  MLX_PID  ACTIVE  QUEUED  MEMORY   CACHE     HIT",
         "r-1  demo   ready  999  1001     3       2       1.5 GiB  48.0 MiB  43%",
         "2 ended runners not shown; `exoctl status --all` shows why they ended",
@@ -260,8 +261,10 @@ def test_status_json_has_the_documented_shape_and_every_runner() -> None:
         "uptime_s",
         "event_count",
         "warnings",
+        "cluster",
         "runners",
     }
+    assert obj["cluster"] is None  # outside a cluster
     ready, failed, stopped = obj["runners"]
     assert ready == {
         "id": "r-1",
@@ -291,6 +294,18 @@ def test_status_json_has_the_documented_shape_and_every_runner() -> None:
         None,
         "idle",
     )
+
+
+def test_status_shows_the_cluster_of_a_member() -> None:
+    reply = _status()
+    reply.cluster.id = "c-0123456789ab"
+    reply.cluster.ca_fingerprint = "ab" * 32
+    assert render.status_json(reply)["cluster"] == {
+        "id": "c-0123456789ab",
+        "ca_fingerprint": "ab" * 32,
+    }
+    lines = render.status_lines(reply, show_all=False, now=0.0)
+    assert f"cluster c-0123456789ab  CA {'ab' * 32}" in lines
 
 
 def test_api_version_warning_only_on_a_mismatch() -> None:

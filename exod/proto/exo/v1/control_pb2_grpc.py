@@ -64,6 +64,21 @@ class ControlStub:
                 request_serializer=exo_dot_v1_dot_control__pb2.ImportRequest.SerializeToString,
                 response_deserializer=exo_dot_v1_dot_control__pb2.ImportReply.FromString,
                 _registered_method=True)
+        self.ClusterInit = channel.unary_unary(
+                '/exo.v1.Control/ClusterInit',
+                request_serializer=exo_dot_v1_dot_control__pb2.ClusterInitRequest.SerializeToString,
+                response_deserializer=exo_dot_v1_dot_control__pb2.ClusterReply.FromString,
+                _registered_method=True)
+        self.ClusterInvite = channel.unary_unary(
+                '/exo.v1.Control/ClusterInvite',
+                request_serializer=exo_dot_v1_dot_control__pb2.ClusterInviteRequest.SerializeToString,
+                response_deserializer=exo_dot_v1_dot_control__pb2.ClusterInviteReply.FromString,
+                _registered_method=True)
+        self.ClusterJoin = channel.unary_unary(
+                '/exo.v1.Control/ClusterJoin',
+                request_serializer=exo_dot_v1_dot_control__pb2.ClusterJoinRequest.SerializeToString,
+                response_deserializer=exo_dot_v1_dot_control__pb2.ClusterReply.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -108,6 +123,27 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClusterInit(self, request, context):
+        """Make this node the first member of a new cluster: its CA, its own certificate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClusterInvite(self, request, context):
+        """A one-time token for another node to join with; only on the node holding the CA key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClusterJoin(self, request, context):
+        """Join the cluster a token names: connect to the inviter, check its CA, get a certificate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +176,21 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Import,
                     request_deserializer=exo_dot_v1_dot_control__pb2.ImportRequest.FromString,
                     response_serializer=exo_dot_v1_dot_control__pb2.ImportReply.SerializeToString,
+            ),
+            'ClusterInit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClusterInit,
+                    request_deserializer=exo_dot_v1_dot_control__pb2.ClusterInitRequest.FromString,
+                    response_serializer=exo_dot_v1_dot_control__pb2.ClusterReply.SerializeToString,
+            ),
+            'ClusterInvite': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClusterInvite,
+                    request_deserializer=exo_dot_v1_dot_control__pb2.ClusterInviteRequest.FromString,
+                    response_serializer=exo_dot_v1_dot_control__pb2.ClusterInviteReply.SerializeToString,
+            ),
+            'ClusterJoin': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClusterJoin,
+                    request_deserializer=exo_dot_v1_dot_control__pb2.ClusterJoinRequest.FromString,
+                    response_serializer=exo_dot_v1_dot_control__pb2.ClusterReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +355,87 @@ class Control:
             '/exo.v1.Control/Import',
             exo_dot_v1_dot_control__pb2.ImportRequest.SerializeToString,
             exo_dot_v1_dot_control__pb2.ImportReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClusterInit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exo.v1.Control/ClusterInit',
+            exo_dot_v1_dot_control__pb2.ClusterInitRequest.SerializeToString,
+            exo_dot_v1_dot_control__pb2.ClusterReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClusterInvite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exo.v1.Control/ClusterInvite',
+            exo_dot_v1_dot_control__pb2.ClusterInviteRequest.SerializeToString,
+            exo_dot_v1_dot_control__pb2.ClusterInviteReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClusterJoin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exo.v1.Control/ClusterJoin',
+            exo_dot_v1_dot_control__pb2.ClusterJoinRequest.SerializeToString,
+            exo_dot_v1_dot_control__pb2.ClusterReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,12 @@ class ControlStub:
     until the final `done`. Cancelling the call (a closed connection) ends the conversion and
     leaves nothing behind.
     """
+    ClusterInit: _grpc.UnaryUnaryMultiCallable[_control_pb2.ClusterInitRequest, _control_pb2.ClusterReply]
+    """Make this node the first member of a new cluster: its CA, its own certificate."""
+    ClusterInvite: _grpc.UnaryUnaryMultiCallable[_control_pb2.ClusterInviteRequest, _control_pb2.ClusterInviteReply]
+    """A one-time token for another node to join with; only on the node holding the CA key."""
+    ClusterJoin: _grpc.UnaryUnaryMultiCallable[_control_pb2.ClusterJoinRequest, _control_pb2.ClusterReply]
+    """Join the cluster a token names: connect to the inviter, check its CA, get a certificate."""
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -58,6 +64,12 @@ class ControlAsyncStub(ControlStub):
     until the final `done`. Cancelling the call (a closed connection) ends the conversion and
     leaves nothing behind.
     """
+    ClusterInit: _aio.UnaryUnaryMultiCallable[_control_pb2.ClusterInitRequest, _control_pb2.ClusterReply]  # type: ignore[assignment]
+    """Make this node the first member of a new cluster: its CA, its own certificate."""
+    ClusterInvite: _aio.UnaryUnaryMultiCallable[_control_pb2.ClusterInviteRequest, _control_pb2.ClusterInviteReply]  # type: ignore[assignment]
+    """A one-time token for another node to join with; only on the node holding the CA key."""
+    ClusterJoin: _aio.UnaryUnaryMultiCallable[_control_pb2.ClusterJoinRequest, _control_pb2.ClusterReply]  # type: ignore[assignment]
+    """Join the cluster a token names: connect to the inviter, check its CA, get a certificate."""
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -105,5 +117,29 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         until the final `done`. Cancelling the call (a closed connection) ends the conversion and
         leaves nothing behind.
         """
+
+    @_abc_1.abstractmethod
+    def ClusterInit(
+        self,
+        request: _control_pb2.ClusterInitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.ClusterReply, _abc.Awaitable[_control_pb2.ClusterReply]]:
+        """Make this node the first member of a new cluster: its CA, its own certificate."""
+
+    @_abc_1.abstractmethod
+    def ClusterInvite(
+        self,
+        request: _control_pb2.ClusterInviteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.ClusterInviteReply, _abc.Awaitable[_control_pb2.ClusterInviteReply]]:
+        """A one-time token for another node to join with; only on the node holding the CA key."""
+
+    @_abc_1.abstractmethod
+    def ClusterJoin(
+        self,
+        request: _control_pb2.ClusterJoinRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.ClusterReply, _abc.Awaitable[_control_pb2.ClusterReply]]:
+        """Join the cluster a token names: connect to the inviter, check its CA, get a certificate."""
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

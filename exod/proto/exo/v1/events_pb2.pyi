@@ -35,6 +35,9 @@ class Event(_message.Message):
     RUN_FINISHED_FIELD_NUMBER: _builtins.int
     MODEL_ADDED_FIELD_NUMBER: _builtins.int
     MODEL_REMOVED_FIELD_NUMBER: _builtins.int
+    INVITE_ISSUED_FIELD_NUMBER: _builtins.int
+    NODE_JOINED_FIELD_NUMBER: _builtins.int
+    CLUSTER_ENTERED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def node_started(self) -> Global___NodeStarted: ...
     @_builtins.property
@@ -55,6 +58,12 @@ class Event(_message.Message):
     def model_added(self) -> Global___ModelAdded: ...
     @_builtins.property
     def model_removed(self) -> Global___ModelRemoved: ...
+    @_builtins.property
+    def invite_issued(self) -> Global___InviteIssued: ...
+    @_builtins.property
+    def node_joined(self) -> Global___NodeJoined: ...
+    @_builtins.property
+    def cluster_entered(self) -> Global___ClusterEntered: ...
     def __init__(
         self,
         *,
@@ -68,12 +77,15 @@ class Event(_message.Message):
         run_finished: Global___RunFinished | None = ...,
         model_added: Global___ModelAdded | None = ...,
         model_removed: Global___ModelRemoved | None = ...,
+        invite_issued: Global___InviteIssued | None = ...,
+        node_joined: Global___NodeJoined | None = ...,
+        cluster_entered: Global___ClusterEntered | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model_added", b"model_added", "model_removed", b"model_removed", "node_started", b"node_started", "node_stopped", b"node_stopped", "run_accepted", b"run_accepted", "run_finished", b"run_finished", "runner_failed", b"runner_failed", "runner_ready", b"runner_ready", "runner_spawned", b"runner_spawned", "runner_stopped", b"runner_stopped"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cluster_entered", b"cluster_entered", "invite_issued", b"invite_issued", "kind", b"kind", "model_added", b"model_added", "model_removed", b"model_removed", "node_joined", b"node_joined", "node_started", b"node_started", "node_stopped", b"node_stopped", "run_accepted", b"run_accepted", "run_finished", b"run_finished", "runner_failed", b"runner_failed", "runner_ready", b"runner_ready", "runner_spawned", b"runner_spawned", "runner_stopped", b"runner_stopped"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "model_added", b"model_added", "model_removed", b"model_removed", "node_started", b"node_started", "node_stopped", b"node_stopped", "run_accepted", b"run_accepted", "run_finished", b"run_finished", "runner_failed", b"runner_failed", "runner_ready", b"runner_ready", "runner_spawned", b"runner_spawned", "runner_stopped", b"runner_stopped"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_entered", b"cluster_entered", "invite_issued", b"invite_issued", "kind", b"kind", "model_added", b"model_added", "model_removed", b"model_removed", "node_joined", b"node_joined", "node_started", b"node_started", "node_stopped", b"node_stopped", "run_accepted", b"run_accepted", "run_finished", b"run_finished", "runner_failed", b"runner_failed", "runner_ready", b"runner_ready", "runner_spawned", b"runner_spawned", "runner_stopped", b"runner_stopped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["node_started", "node_stopped", "runner_spawned", "runner_ready", "runner_failed", "runner_stopped", "run_accepted", "run_finished", "model_added", "model_removed"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["node_started", "node_stopped", "runner_spawned", "runner_ready", "runner_failed", "runner_stopped", "run_accepted", "run_finished", "model_added", "model_removed", "invite_issued", "node_joined", "cluster_entered"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -372,3 +384,101 @@ class ModelRemoved(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelRemoved: _TypeAlias = ModelRemoved  # noqa: Y015
+
+@_typing.final
+class InviteIssued(_message.Message):
+    """This node (holding the CA key) issued an invite. Only the secret's SHA-256 is kept, never the
+    secret: the log cannot be used to join.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECRET_DIGEST_FIELD_NUMBER: _builtins.int
+    EXPIRES_FIELD_NUMBER: _builtins.int
+    secret_digest: _builtins.str
+    """lowercase hex"""
+    expires: _builtins.int
+    """unix seconds"""
+    def __init__(
+        self,
+        *,
+        secret_digest: _builtins.str = ...,
+        expires: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires", b"expires", "secret_digest", b"secret_digest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InviteIssued: _TypeAlias = InviteIssued  # noqa: Y015
+
+@_typing.final
+class NodeJoined(_message.Message):
+    """A node joined through this node with the invite behind secret_digest (which is now used)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CERT_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    SECRET_DIGEST_FIELD_NUMBER: _builtins.int
+    ADDRESSES_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    name: _builtins.str
+    cert_fingerprint: _builtins.str
+    """SHA-256 of the certificate it was given"""
+    secret_digest: _builtins.str
+    port: _builtins.int
+    @_builtins.property
+    def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        cert_fingerprint: _builtins.str = ...,
+        secret_digest: _builtins.str = ...,
+        addresses: _abc.Iterable[_builtins.str] | None = ...,
+        port: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "cert_fingerprint", b"cert_fingerprint", "name", b"name", "node_id", b"node_id", "port", b"port", "secret_digest", b"secret_digest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeJoined: _TypeAlias = NodeJoined  # noqa: Y015
+
+@_typing.final
+class ClusterEntered(_message.Message):
+    """This node entered a cluster: made it (`exoctl cluster init`) or joined it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_ID_FIELD_NUMBER: _builtins.int
+    CA_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    HOW_FIELD_NUMBER: _builtins.int
+    CA_NODE_ID_FIELD_NUMBER: _builtins.int
+    cluster_id: _builtins.str
+    ca_fingerprint: _builtins.str
+    how: _builtins.str
+    """"init" or "join" """
+    ca_node_id: _builtins.str
+    """the node that holds the CA key (this one after init)"""
+    def __init__(
+        self,
+        *,
+        cluster_id: _builtins.str = ...,
+        ca_fingerprint: _builtins.str = ...,
+        how: _builtins.str = ...,
+        ca_node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_fingerprint", b"ca_fingerprint", "ca_node_id", b"ca_node_id", "cluster_id", b"cluster_id", "how", b"how"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterEntered: _TypeAlias = ClusterEntered  # noqa: Y015

@@ -1,0 +1,309 @@
+"""This node's cluster membership: `exoctl cluster init / invite / join`, and the peer server.
+
+The TLS store (`$EXOD_HOME/tls`) says whether the node belongs to a cluster; the event log
+records what the CA's holder must not forget across a restart: the invites it issued (by the
+secret's digest only) and which of them were used (NodeJoined). Events rather than a table of
+their own: they are durable with the log's own fsync, replayed and snapshotted like everything
+else, need no migration, and `exoctl events` shows them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+
+from exod.cluster import addresses, invite, join_client, joining, peer_server, pki, tls_store
+from exod.cluster.peer_server import PeerService
+from exod.cluster.protocol import PROTOCOL_VERSION
+from exod.config import Settings
+from exod.errors import ExoError
+from exod.journal import Journal
+from exod.proto.exo.v1 import control_pb2, events_pb2, peer_pb2
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTL_S = 15 * 60
+MAX_TTL_S = 7 * 86400
+# The CA outlives the certificates it signs: they renew under it.
+CA_LIFETIMES = 10
+
+
+class CannotListen(Exception):
+    """The peer (or join) port cannot be bound; the message says which and what to do."""
+
+
+def tls_dir(settings: Settings) -> Path:
+    return settings.home / "tls"
+
+
+def machine_addresses() -> list[str]:
+    return [a.address for nics in psutil.net_if_addrs().values() for a in nics]
+
+
+class Cluster:
+    def __init__(
+        self,
+        settings: Settings,
+        node_id: str,
+        journal: Journal,
+        material: tls_store.Material | None,
+    ) -> None:
+        """`material`: what `tls_store.load(tls_dir(settings))` read at start."""
+        self._settings = settings
+        self._id = node_id
+        self._journal = journal
+        self._dir = tls_dir(settings)
+        self._lock = asyncio.Lock()
+        self._server: grpc.aio.Server | None = None
+        self._material = material
+
+    def info(self) -> control_pb2.ClusterInfo | None:
+        material = self._material
+        if material is None:
+            return None
+        ca = pki.cert_info(material.ca_cert)
+        return control_pb2.ClusterInfo(id=ca.name, ca_fingerprint=ca.fingerprint)
+
+    async def start(self) -> None:
+        """Listen on the peer port when this node belongs to a cluster (else nothing listens)."""
+        if self._material is not None:
+            self._server = await self._listen(self._material)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+            self._server = None
+
+    async def _listen(self, material: tls_store.Material) -> grpc.aio.Server:
+        s = self._settings
+        service = PeerService(self._id, s.node_name, self._admit)
+        join_port = s.join_port if material.ca_key is not None else None
+        ports = [("peer", s.peer_port, "EXOD_PEER_PORT")]
+        if join_port is not None:
+            ports.append(("join", join_port, "EXOD_JOIN_PORT"))
+        for what, port, setting in ports:
+            try:
+                peer_server.check_port(s.peer_bind, port)
+            except OSError as e:
+                raise CannotListen(
+                    f"cannot listen on {peer_server.endpoint(s.peer_bind, port)} (the {what} "
+                    f"port): {e.strerror or e}; if another program uses it, set {setting} to a "
+                    "free port; else set EXOD_PEER_BIND to an address of this machine"
+                ) from None
+        try:
+            return await peer_server.start(
+                bind=s.peer_bind,
+                peer_port=s.peer_port,
+                join_port=join_port,
+                ca_cert=material.ca_cert,
+                node_key=material.node_key,
+                node_cert=material.node_cert,
+                service=service,
+            )
+        except RuntimeError as e:  # gRPC's bind failure
+            raise CannotListen(
+                f"cannot listen on {peer_server.endpoint(s.peer_bind, s.peer_port)} (peer port) "
+                f"or {s.join_port} (join port): {e}; is another program using it? set "
+                "EXOD_PEER_PORT / EXOD_JOIN_PORT to free ports"
+            ) from None
+
+    async def _become(
+        self, material: tls_store.Material, entered: events_pb2.ClusterEntered
+    ) -> None:
+        """Listen as a member, then keep the files (node.crt last) and log it."""
+        try:
+            server = await self._listen(material)
+        except CannotListen as e:
+            raise ExoError("peer_unreachable", str(e)) from None
+        try:
+            await asyncio.to_thread(tls_store.save, self._dir, material)
+        except tls_store.TlsStoreError as e:
+            await server.stop(grace=None)
+            reason = "disk_full" if e.disk_full else "permission_denied"
+            raise ExoError(reason, str(e)) from None
+        self._server, self._material = server, material
+        self._journal.append(events_pb2.Event(cluster_entered=entered))
+
+    def _refuse_member(self, doing: str) -> None:
+        info = self.info()
+        if info is not None:
+            raise ExoError(
+                "invalid_argument",
+                f"this node already belongs to cluster {info.id} (CA {info.ca_fingerprint[:16]}"
+                f"...), so it cannot {doing}: to add a node to it, run `exoctl cluster invite` "
+                "here and `exoctl cluster join TOKEN` on that node",
+            )
+
+    # --- init -------------------------------------------------------------------------------------
+
+    async def init(self) -> control_pb2.ClusterReply:
+        async with self._lock:
+            self._refuse_member("make another one")
+            s, now = self._settings, time.time()
+            cluster_id = "c-" + secrets.token_hex(6)
+            lifetime = s.cert_lifetime
+            ca_key, ca_cert = pki.new_ca(cluster_id, lifetime * CA_LIFETIMES, now)
+            node_key = pki.new_node_key()
+            csr = pki.csr_for(node_key, self._id)
+            node_cert = pki.sign_node(ca_key, ca_cert, csr, self._id, lifetime_s=lifetime, now=now)
+            material = tls_store.Material(
+                ca_cert=ca_cert, node_key=node_key, node_cert=node_cert, ca_key=ca_key
+            )
+            fingerprint = pki.fingerprint(ca_cert)
+            entered = events_pb2.ClusterEntered(
+                cluster_id=cluster_id, ca_fingerprint=fingerprint, how="init", ca_node_id=self._id
+            )
+            await self._become(material, entered)
+            log.info("made cluster %s", cluster_id)
+            return self._reply()
+
+    def _reply(self) -> control_pb2.ClusterReply:
+        return control_pb2.ClusterReply(cluster=self.info(), node_id=self._id)
+
+    # --- invite -----------------------------------------------------------------------------------
+
+    async def invite(self, ttl_s: int) -> control_pb2.ClusterInviteReply:
+        material = self._material
+        if material is None:
+            raise ExoError(
+                "invalid_argument",
+                "this node is in no cluster, so it cannot invite: run `exoctl cluster init` "
+                "first (or join one with `exoctl cluster join TOKEN`)",
+            )
+        if material.ca_key is None:
+            holder = self._journal.state.ca_node or "the node that ran `exoctl cluster init`"
+            raise ExoError(
+                "peer_unreachable",
+                f"the invite must be made on {holder}, which holds the cluster's CA key: run "
+                "`exoctl cluster invite` there",
+            )
+        ttl = ttl_s or DEFAULT_TTL_S
+        if not 0 < ttl <= MAX_TTL_S:
+            raise ExoError(
+                "invalid_argument", f"an invite lasts 1 s to {MAX_TTL_S // 86400} days, not {ttl} s"
+            )
+        where = addresses.invite_addresses(self._settings.peer_bind, machine_addresses())
+        made = invite.new_invite(
+            where, self._settings.join_port, pki.fingerprint(material.ca_cert), ttl, time.time()
+        )
+        issued = events_pb2.InviteIssued(
+            secret_digest=invite.secret_digest(made.secret), expires=made.expires
+        )
+        self._journal.append(events_pb2.Event(invite_issued=issued))
+        return control_pb2.ClusterInviteReply(
+            token=invite.encode(made), expires=made.expires, addresses=where
+        )
+
+    # --- join (the joiner) ------------------------------------------------------------------------
+
+    async def join(self, token: str) -> control_pb2.ClusterReply:
+        async with self._lock:
+            self._refuse_member("join another")
+            s = self._settings
+            inv = invite.decode(token)
+            if invite.expired(inv, time.time()):
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(inv.expires))
+                raise ExoError(
+                    "invite_refused",
+                    f"the invite expired at {when}: "
+                    "ask a member for a new one with `exoctl cluster invite`",
+                )
+            node_key = pki.new_node_key()
+            try:
+                mine = addresses.invite_addresses(s.peer_bind, machine_addresses())
+            except ExoError:
+                mine = ()  # the others learn it by mDNS; joining needs only the inviter's
+            request = peer_pb2.JoinRequest(
+                node_id=self._id,
+                name=s.node_name,
+                csr=pki.csr_for(node_key, self._id),
+                secret=inv.secret,
+                addresses=mine,
+                port=s.peer_port,
+            )
+            inviter, reply = await join_client.join(inv, request, s.peer_timeout)
+            # Trust nothing in the answer that the invite does not vouch for.
+            cluster_id = pki.check_ca(reply.ca_cert, inv.ca_fingerprint)
+            pki.verify_node_cert(reply.ca_cert, reply.node_cert, time.time())
+            if pki.cert_info(reply.node_cert).name != self._id or not pki.key_matches(
+                node_key, reply.node_cert
+            ):
+                raise ExoError(
+                    "permission_denied",
+                    "the inviter sent a certificate for another node or key: ask for a new invite",
+                )
+            material = tls_store.Material(
+                ca_cert=reply.ca_cert, node_key=node_key, node_cert=reply.node_cert
+            )
+            entered = events_pb2.ClusterEntered(
+                cluster_id=cluster_id,
+                ca_fingerprint=inv.ca_fingerprint,
+                how="join",
+                ca_node_id=inviter.node_id,
+            )
+            await self._become(material, entered)
+            log.info("joined cluster %s through %s", cluster_id, inviter.node_id)
+            return self._reply()
+
+    # --- Join (the CA's holder, called by the peer server) ----------------------------------------
+
+    async def _admit(self, request: peer_pb2.JoinRequest) -> peer_pb2.JoinReply:
+        async with self._lock:
+            material = self._material
+            if material is None or material.ca_key is None:
+                raise ExoError("invite_refused", "this node holds no CA key: ask for a new invite")
+            now = time.time()
+            used = joining.admit(self._journal.state.invites, request.secret, now)
+            if request.node_id == self._id:
+                raise ExoError(
+                    "invalid_argument",
+                    f"the joining node has this node's id {self._id}: its home was copied from "
+                    "here; move its EXOD_HOME aside (it makes a new id at start), then join",
+                )
+            node_cert = pki.sign_node(
+                material.ca_key,
+                material.ca_cert,
+                request.csr,
+                request.node_id,
+                lifetime_s=self._settings.cert_lifetime,
+                now=now,
+            )
+            joined = events_pb2.NodeJoined(
+                node_id=request.node_id,
+                name=request.name[:63],
+                cert_fingerprint=pki.fingerprint(node_cert),
+                secret_digest=used.digest,
+                addresses=request.addresses[: addresses.MAX_ADDRESSES],
+                port=request.port,
+            )
+            # Logged before the answer: the invite is spent even if the answer is lost.
+            self._journal.append(events_pb2.Event(node_joined=joined))
+            log.info("node %s (%s) joined", request.node_id, request.name[:63])
+            info = self.info()
+            assert info is not None  # material is set
+            return peer_pb2.JoinReply(
+                protocol_version=PROTOCOL_VERSION,
+                node_cert=node_cert,
+                ca_cert=material.ca_cert,
+                cluster_id=info.id,
+                members=self._members(),
+            )
+
+    def _members(self) -> list[peer_pb2.Member]:
+        s = self._settings
+        try:
+            mine = addresses.invite_addresses(s.peer_bind, machine_addresses())
+        except ExoError:
+            mine = ()
+        me = peer_pb2.Member(id=self._id, name=s.node_name, addresses=mine, port=s.peer_port)
+        others = [
+            peer_pb2.Member(id=m.id, name=m.name, addresses=m.addresses, port=m.port)
+            for m in self._journal.state.members.values()
+        ]
+        return [me, *others]

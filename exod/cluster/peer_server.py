@@ -1,0 +1,189 @@
+"""The peer service: gRPC over TCP under the cluster's TLS, two ports on one server.
+
+    peer port  mutual TLS: a caller without a certificate of this cluster's CA fails the handshake,
+               and every call is checked again here (`verify_node_cert`: issuer, validity, id).
+    join port  TLS without a client certificate, only on the node holding the CA key: the one
+               call it serves is Join, which does nothing but check the invite's secret.
+
+Two ports because gRPC's Python server either demands a client certificate or never asks for
+one (`require_client_auth=False` does not even request it), so a single port could not both
+admit a joiner without a certificate and read a member's.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, cast
+
+import grpc
+import psutil
+
+from exod.cluster import pki
+from exod.cluster.protocol import PROTOCOL_VERSION, check_version
+from exod.errors import REASON_KEY, ExoError
+from exod.proto.exo.v1 import peer_pb2, peer_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE = peer_pb2.DESCRIPTOR.services_by_name["Peer"].full_name
+JOIN = f"/{SERVICE}/Join"
+# Keepalive: a peer that went away (a Mac asleep, a cable pulled) is noticed without traffic.
+KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+]
+
+JoinHandler = Callable[[peer_pb2.JoinRequest], Awaitable[peer_pb2.JoinReply]]
+Ctx = grpc.aio.ServicerContext[object, object]
+
+
+async def _abort(context: Ctx, err: ExoError) -> None:
+    await context.abort(err.code, err.message, trailing_metadata=((REASON_KEY, err.reason),))
+
+
+class PeerService(peer_pb2_grpc.PeerServicer):
+    def __init__(self, node_id: str, name: str, join: JoinHandler) -> None:
+        self._id = node_id
+        self._name = name
+        self._join = join
+
+    async def Join(  # gRPC method names are CamelCase
+        self,
+        request: peer_pb2.JoinRequest,
+        context: grpc.aio.ServicerContext[peer_pb2.JoinRequest, peer_pb2.JoinReply],
+    ) -> peer_pb2.JoinReply:
+        try:
+            check_version(request.protocol_version, "the joining node")
+            return await self._join(request)
+        except ExoError as e:
+            await _abort(cast("Ctx", context), e)
+            raise AssertionError("unreachable: abort raises") from e
+
+    async def Hello(  # gRPC method names are CamelCase
+        self,
+        request: peer_pb2.PeerHelloRequest,
+        context: grpc.aio.ServicerContext[peer_pb2.PeerHelloRequest, peer_pb2.PeerHelloReply],
+    ) -> peer_pb2.PeerHelloReply:
+        try:
+            check_version(request.protocol_version, f"peer {request.node_id}")
+        except ExoError as e:
+            await _abort(cast("Ctx", context), e)
+        memory = psutil.virtual_memory()
+        return peer_pb2.PeerHelloReply(
+            protocol_version=PROTOCOL_VERSION,
+            node_id=self._id,
+            name=self._name,
+            memory_free_bytes=memory.available,
+            memory_total_bytes=memory.total,
+        )
+
+
+def caller_id(context: Ctx, ca_cert: bytes, now: float) -> str:
+    """The node id in the caller's certificate, once this cluster's CA vouches for it;
+    ExoError otherwise (no certificate: a caller of the join port)."""
+    # A list of PEMs per key at run time (grpc-stubs says bytes): the caller's certificate.
+    pems = cast("list[bytes]", context.auth_context().get("x509_pem_cert", []))
+    if not pems:
+        raise ExoError(
+            "permission_denied",
+            "this call needs a certificate of this cluster: only Join is served without one",
+        )
+    return pki.verify_node_cert(ca_cert, pems[0], now)
+
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.ServerInterceptor[object, object]
+else:  # generic in grpc-stubs only
+    _Interceptor = grpc.aio.ServerInterceptor
+
+
+class CertificateCheck(_Interceptor):
+    """Every method but Join runs only for a caller whose certificate this cluster's CA issued."""
+
+    def __init__(self, ca_cert: bytes) -> None:
+        self._ca_cert = ca_cert
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[object, object]]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[object, object]:
+        handler = await continuation(handler_call_details)
+        if handler_call_details.method == JOIN or handler is None:
+            return handler
+        inner = handler.unary_unary
+        if inner is None:
+            # Only unary calls exist so far; a streaming one must get its own check here
+            # before it is served, so until then it is refused outright.
+            return cast("grpc.RpcMethodHandler[object, object]", None)
+        ca_cert = self._ca_cert
+
+        async def checked(request: object, context: Ctx) -> object:
+            try:
+                caller_id(context, ca_cert, time.time())
+            except ExoError as e:
+                e.reason = "permission_denied"
+                await _abort(context, e)
+            return await cast("Callable[[object, Ctx], Awaitable[object]]", inner)(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            checked,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def check_port(bind: str, port: int) -> None:
+    """OSError when bind:port cannot be listened on (in use, not this machine's address): found
+    here because gRPC would say it in a line of its own on stderr, and less clearly."""
+    family = socket.AF_INET6 if ipaddress.ip_address(bind).version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+        probe.bind((bind, port))
+
+
+def endpoint(bind: str, port: int) -> str:
+    address = ipaddress.ip_address(bind)
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+async def start(
+    *,
+    bind: str,
+    peer_port: int,
+    join_port: int | None,
+    ca_cert: bytes,
+    node_key: bytes,
+    node_cert: bytes,
+    service: PeerService,
+) -> grpc.aio.Server:
+    """The peer server, listening; the join port too when `join_port` is given. RuntimeError
+    (gRPC's) when a port cannot be bound."""
+    # The chain carries the CA certificate too: a joiner reads it from the handshake and checks
+    # it against the fingerprint in its invite before it sends the secret.
+    chain = node_cert + ca_cert
+    server = grpc.aio.server(interceptors=[CertificateCheck(ca_cert)], options=KEEPALIVE)
+    peer_pb2_grpc.add_PeerServicer_to_server(service, server)
+    mutual = grpc.ssl_server_credentials(
+        [(node_key, chain)], root_certificates=ca_cert, require_client_auth=True
+    )
+    server.add_secure_port(endpoint(bind, peer_port), mutual)
+    if join_port is not None:
+        server.add_secure_port(
+            endpoint(bind, join_port), grpc.ssl_server_credentials([(node_key, chain)])
+        )
+    await server.start()
+    log.info(
+        "peer port %s%s",
+        endpoint(bind, peer_port),
+        f", join port {join_port}" if join_port is not None else "",
+    )
+    return server

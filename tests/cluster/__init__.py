@@ -1,0 +1,1 @@
+"""Tests of the cluster: several exods (or discovery probes) in network namespaces."""
