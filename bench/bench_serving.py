@@ -464,6 +464,12 @@ def main() -> None:
         "--skip", action="append", default=[], choices=["concurrency", "cache", "single"]
     )
     parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="rounds per concurrency level, the best kept (1 with --quick); more on a noisy machine",
+    )
+    parser.add_argument(
         "--cache-tokens",
         type=int,
         default=2000,
@@ -485,7 +491,7 @@ def main() -> None:
 
 
 def measure(args: argparse.Namespace, work: Path) -> None:
-    repeats = 1 if args.quick else 2
+    repeats = 1 if args.quick else args.repeats
     tiny, large = make_models(work, args.quick)
     started = time.perf_counter()
     print(f"models: tiny (6 layers, hidden 96), large (8 layers, hidden 512); work dir {work}")
