@@ -5,7 +5,8 @@
    hidden 96: per-step overhead dominates, so batching shows even on a CPU) and a larger one
    (8 layers, hidden 512). One client process drives all of them with threads; each request asks
    for a fixed number of tokens, greedy; the figure is all completion tokens over the wall time
-   from the first request sent to the last answer received.
+   from the first request sent to the last answer received, the median of --repeats rounds in
+   which the three servers take turns (so a slow spell of the machine falls on all alike).
 2. Time to first token of a ~2,000-token conversation's next turn, with exod's prompt cache and
    without it (EXOD_PROMPT_CACHE_BYTES=0), on the larger model, streamed over HTTP.
 3. Single-client decode as the client sees it (wall time of 200 tokens over gRPC and HTTP)
@@ -176,9 +177,20 @@ def aggregate(send: Send, clients: int, max_tokens: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def levels(send: Send, max_tokens: int, repeats: int) -> dict[int, float]:
-    send(PROMPTS[0], 4)  # loads the model and warms it
-    return {n: max(aggregate(send, n, max_tokens) for _ in range(repeats)) for n in LEVELS}
+def interleaved(
+    senders: dict[str, Send], max_tokens: int, repeats: int
+) -> dict[str, dict[int, float]]:
+    """Median tokens/s per sender and level. Each round measures every sender once, one after
+    the other, so a slow spell of a shared machine falls on all of them alike rather than on
+    whichever server happened to run then; single rounds vary by tens of percent here."""
+    for send in senders.values():
+        send(PROMPTS[0], 4)  # loads the model and warms it
+    rates: dict[str, dict[int, list[float]]] = {name: {n: [] for n in LEVELS} for name in senders}
+    for n in LEVELS:
+        for _ in range(repeats):
+            for name, send in senders.items():
+                rates[name][n].append(aggregate(send, n, max_tokens))
+    return {name: {n: statistics.median(r) for n, r in by.items()} for name, by in rates.items()}
 
 
 # --- servers ------------------------------------------------------------------------------------
@@ -288,27 +300,29 @@ def user(prompt: str) -> list[dict[str, str]]:
 def concurrency(
     work: Path, models: list[Model], repeats: int
 ) -> dict[tuple[str, str], dict[int, float]]:
-    """Aggregate tokens/s by (model, server) and number of clients."""
+    """Aggregate tokens/s by (model, server) and number of clients, the servers interleaved."""
     results: dict[tuple[str, str], dict[int, float]] = {}
     with exod_server(work, "exod-batch", models, EXOD_PARALLEL=str(max(LEVELS))) as exod:
         for model in models:
+            with mlx_lm_server(model, max(LEVELS)) as port:
 
-            def over_grpc(prompt: str, n: int, model: Model = model) -> int:
-                return grpc_run(exod.socket, model.name, prompt, n)[0]
+                def over_grpc(prompt: str, n: int, model: Model = model) -> int:
+                    return grpc_run(exod.socket, model.name, prompt, n)[0]
 
-            def over_http(prompt: str, n: int, model: Model = model) -> int:
-                return http_chat(exod.port, model.name, user(prompt), n)[0]
+                def over_http(prompt: str, n: int, model: Model = model) -> int:
+                    return http_chat(exod.port, model.name, user(prompt), n)[0]
 
-            results[model.name, "exod gRPC"] = levels(over_grpc, model.max_tokens, repeats)
-            results[model.name, "exod HTTP"] = levels(over_http, model.max_tokens, repeats)
+                def mlx_lm(prompt: str, n: int, port: int = port) -> int:
+                    return http_chat(port, None, user(prompt), n)[0]
+
+                senders: dict[str, Send] = {
+                    "exod gRPC": over_grpc,
+                    "exod HTTP": over_http,
+                    "mlx_lm.server": mlx_lm,
+                }
+                for name, rates in interleaved(senders, model.max_tokens, repeats).items():
+                    results[model.name, name] = rates
             exod.exoctl("kill", "--all")  # the next model gets the memory
-    for model in models:
-        with mlx_lm_server(model, max(LEVELS)) as port:
-
-            def mlx_lm(prompt: str, n: int, port: int = port) -> int:
-                return http_chat(port, None, user(prompt), n)[0]
-
-            results[model.name, "mlx_lm.server"] = levels(mlx_lm, model.max_tokens, repeats)
     return results
 
 
@@ -446,7 +460,7 @@ def import_real_model(work: Path) -> Model | None:
 
 
 def print_concurrency(results: dict[tuple[str, str], dict[int, float]]) -> None:
-    print("aggregate decode tokens/s (max of repeats), by concurrent clients")
+    print("aggregate decode tokens/s (median of rounds), by concurrent clients")
     header = "".join(f"{n:>10}" for n in LEVELS)
     print(f"{'model':<7}{'server':<15}{header}   8 vs 1   vs mlx_lm.server at 1/4/8")
     for (model, server), rates in results.items():
@@ -464,10 +478,16 @@ def main() -> None:
         "--skip", action="append", default=[], choices=["concurrency", "cache", "single"]
     )
     parser.add_argument(
+        "--model",
+        action="append",
+        choices=["tiny", "large"],
+        help="measure concurrency on this generated model only (repeatable; default both)",
+    )
+    parser.add_argument(
         "--repeats",
         type=int,
-        default=2,
-        help="rounds per concurrency level, the best kept (1 with --quick); more on a noisy machine",
+        default=5,
+        help="rounds per concurrency level, the median kept (1 with --quick)",
     )
     parser.add_argument(
         "--cache-tokens",
@@ -497,7 +517,8 @@ def measure(args: argparse.Namespace, work: Path) -> None:
     print(f"models: tiny (6 layers, hidden 96), large (8 layers, hidden 512); work dir {work}")
     if "concurrency" not in args.skip:
         real = import_real_model(work) if args.real else None
-        models = [tiny, large, *([real] if real else [])]
+        chosen = [m for m in (tiny, large) if m.name in (args.model or ["tiny", "large"])]
+        models = [*chosen, *([real] if real else [])]
         print_concurrency(concurrency(work, models, repeats))
     if "cache" not in args.skip:
         tokens = 500 if args.quick else args.cache_tokens

@@ -9,6 +9,7 @@ client, a stop sequence) cancels the generation in the runner and logs the run a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import secrets
@@ -101,6 +102,10 @@ def prompt_text(request: control_pb2.RunRequest) -> str:
     return request.prompt
 
 
+# How long the end of a run whose client left is awaited (the runner drops it between two steps).
+CANCEL_WAIT_S = 5.0
+
+
 @dataclass
 class Run:
     id: str
@@ -120,7 +125,7 @@ class Run:
             # The consumer left (Ctrl-C, a dropped stream): stop the work it asked for.
             self.finished = True
             self.runs.supervisor.cancel(self.job)
-            self.runs.finish(self.id, "cancelled", "cancelled", None)
+            self.runs.finish_cancelled(self.id, self.job)
 
     async def items(self) -> AsyncGenerator[RunItem, None]:
         """Progress, text chunks, then RunDone; raises ExoError when the run fails.
@@ -171,6 +176,7 @@ class Runs:
         self.journal = journal
         self.supervisor = supervisor
         self._secret = secret
+        self._ending: set[asyncio.Task[None]] = set()  # cancelled runs awaiting their end
 
     async def start(self, request: control_pb2.RunRequest) -> Run:
         """Admit a run and queue it on its model's runner; raises ExoError when refused."""
@@ -241,6 +247,24 @@ class Runs:
                 f"{self.settings.max_prompt_tokens}): shorten it",
             )
         return files
+
+    def finish_cancelled(self, run_id: str, job: Job) -> None:
+        """Log the end of a run whose client left once its runner has let it go, so that the
+        log says how many tokens it made; after CANCEL_WAIT_S without that, without them."""
+
+        async def when_done() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(job.finished.wait(), CANCEL_WAIT_S)
+            done = None
+            while not job.out.empty():
+                item = job.out.get_nowait()
+                if isinstance(item, runner_pb2.Done):
+                    done = item
+            self.finish(run_id, "cancelled", "cancelled", done)
+
+        task = asyncio.get_running_loop().create_task(when_done())
+        self._ending.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._ending.discard)
 
     def finish(
         self, run_id: str, stop_reason: str, reason: str, done: runner_pb2.Done | None

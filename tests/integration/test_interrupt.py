@@ -40,6 +40,14 @@ def double_ctrl_c(client: subprocess.Popen[bytes], gap_ms: int) -> tuple[int, fl
     return code, time.monotonic() - sent, stderr_of(client)
 
 
+def maps_of(pid: int) -> str:
+    """The files a process has mapped (its loaded native libraries among them)."""
+    try:
+        return Path(f"/proc/{pid}/maps").read_text()
+    except OSError:  # it has ended
+        return ""
+
+
 def assert_interrupted(code: int, took: float, stderr: str, line: str = CANCELLED_LINE) -> None:
     assert code == 130, stderr
     assert took <= WITHIN_S, f"exoctl took {took:.2f}s to end after Ctrl-C"
@@ -80,7 +88,11 @@ def test_two_ctrl_c_mid_stream_twenty_times(exod: Daemon, qwen2: Path) -> None:
 def test_two_ctrl_c_while_importing(exod: Daemon, qwen2: Path) -> None:
     since = exod.last_seq()
     client = exod.exoctl_bg("run", str(qwen2), PROMPT)
-    time.sleep(0.05)  # exoctl's imports take a few hundred ms: it has not connected yet
+    # While gRPC's native library is being loaded: exoctl's handler is in place (it is installed
+    # before any slow import) and the rest of its imports take a hundred milliseconds or more,
+    # so it has not connected yet. (A signal before the interpreter has run exoctl's first line
+    # meets Python's own handler, which no program can replace.)
+    assert wait_until(lambda: "cygrpc" in maps_of(client.pid), timeout=30, poll=0.001)
     code, took, stderr = double_ctrl_c(client, gap_ms=1)
     assert_interrupted(code, took, stderr, line="exoctl: interrupted.\n")
     assert of_kind(exod.events(since), "RunAccepted") == []
@@ -104,6 +116,9 @@ def test_two_ctrl_c_while_queued(daemon_factory: list[Daemon], tmp_path: Path, q
     busy.send_signal(signal.SIGINT)
     assert busy.wait(timeout=10) == 130
     accepted = of_kind(exod.events(since), "RunAccepted")
+    exod.wait_event(
+        lambda e: e["kind"] == "RunFinished" and e["run_id"] == accepted[0]["run_id"], since=since
+    )
     finished = of_kind(exod.events(since), "RunFinished", run_id=accepted[0]["run_id"])
     assert [e["stop_reason"] for e in finished] == ["cancelled"]
     assert_serves(exod, qwen2)

@@ -111,6 +111,9 @@ def test_ctrl_c_cancels_the_generation_and_the_runner_goes_on(exod: Daemon, qwen
         lambda e: e["kind"] == "RunFinished" and e["run_id"] == accepted["run_id"], since=since
     )
     assert finished["stop_reason"] == "cancelled"
+    # The log says what the run made before it was cancelled (the client read tokens of it).
+    assert finished["generation_tokens"] >= 1
+    assert finished["prompt_tokens"] > 0
     # The runner stopped generating (the 2000 tokens would keep it busy for seconds).
     assert wait_until(lambda: runner_state(exod, runner["id"]) == "ready", timeout=2.0)
     # The same runner serves the next run, from the start of its output.

@@ -84,8 +84,9 @@ def test_runs_on_one_runner_overlap_in_time(
     assert (shown["state"], shown["active"], shown["queued"]) == ("running", 1, 0)
     long.send_signal(signal.SIGINT)
     assert long.wait(timeout=30) == 130
+    long_id, short_id = (e["run_id"] for e in of_kind(d.events(), "RunAccepted")[1:])
+    d.wait_event(lambda e: e["kind"] == "RunFinished" and e["run_id"] == long_id)
     events = d.events()
-    long_id, short_id = (e["run_id"] for e in of_kind(events, "RunAccepted")[1:])
     assert finished(events, short_id)["seq"] < finished(events, long_id)["seq"]
     assert finished(events, long_id)["stop_reason"] == "cancelled"
     assert len(of_kind(events, "RunnerSpawned")) == 1
