@@ -267,21 +267,30 @@ def kill_command(
     metavar="N",
     help="At most N events (0: no limit).",
 )
+@click.option(
+    "--node",
+    metavar="ID",
+    default="",
+    help="Only the events of this member (a node id from `exoctl status`).",
+)
 @json_option
 @socket_option
 def events_command(
-    *, follow: bool, since: int, limit: int, as_json: bool, socket: Path | None
+    *, follow: bool, since: int, limit: int, node: str, as_json: bool, socket: Path | None
 ) -> None:
     """Print exod's event log: what started, loaded, failed and stopped, and why.
 
     One line per event: SEQ  TS  KIND  key=value ...; with --json one object per line, the
     event's fields at the top level. With --follow, Ctrl-C is the way to stop and exits 0.
+    In a cluster the log holds the members' replicated events too, each with its own origin
+    and origin_seq; --node ID shows one member's.
 
     \b
     Examples:
       exoctl events --limit 20
       exoctl events --since 120 --json | jq 'select(.kind=="RunnerFailed")'
       exoctl events --follow
+      exoctl events --node n-3f2a9c01b2d4 --json
     """
     import grpc
 
@@ -289,7 +298,7 @@ def events_command(
     from exoctl.client import cancel
     from exoctl.interrupt import Ending
 
-    request = control_pb2.EventsRequest(since=since, follow=follow, limit=limit)
+    request = control_pb2.EventsRequest(since=since, follow=follow, limit=limit, node=node)
     # Ctrl-C is how --follow ends, so there it is success; a listing cut short is interrupted.
     on_ctrl_c = Ending(code=0, message=None) if follow else Ending()
     with connect(socket) as client, interrupt.ending(on_ctrl_c):

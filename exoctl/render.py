@@ -204,6 +204,7 @@ def status_lines(reply: control_pb2.StatusReply, *, show_all: bool, now: float) 
     lines = [header, *(f"warning: {w.code}: {w.message}" for w in reply.warnings)]
     if reply.HasField("cluster"):
         lines.append(f"cluster {reply.cluster.id}  CA {reply.cluster.ca_fingerprint}")
+        lines += node_lines(reply.nodes, now)
     shown = [r for r in reply.runners if show_all or not has_ended(r)]
     hidden = len(reply.runners) - len(shown)
     if shown:
@@ -232,6 +233,7 @@ def status_json(reply: control_pb2.StatusReply) -> dict[str, Any]:
         "event_count": reply.event_count,
         "warnings": [{"code": w.code, "message": w.message} for w in reply.warnings],
         "cluster": cluster_json(reply.cluster) if reply.HasField("cluster") else None,
+        "nodes": [node_json(n) for n in reply.nodes],
         "runners": [
             {
                 "id": r.id,
@@ -252,6 +254,46 @@ def status_json(reply: control_pb2.StatusReply) -> dict[str, Any]:
             }
             for r in reply.runners
         ],
+    }
+
+
+# The columns of the NODES section of `exoctl status` in a cluster (docs/cli.md).
+NODE_COLUMNS = ("NODE", "NAME", "STATE", "ADDRESSES", "FREE", "TOTAL", "RUNNERS", "SEEN")
+
+
+def node_lines(nodes: Sequence[control_pb2.NodeInfo], now: float) -> list[str]:
+    """The members, this node first: liveness, memory and runners as last reported."""
+    rows = []
+    for n in nodes:
+        state = f"{n.state} ({n.reason})" if n.reason else n.state
+        seen = n.last_seen.ToNanoseconds() / 1e9 if n.HasField("last_seen") else None
+        heard = n.state == "self" or n.memory_total_bytes > 0
+        rows.append(
+            [
+                n.id,
+                cut(n.name) or "-",
+                state,
+                cut(",".join(n.addresses)) or "-",
+                human_bytes(n.memory_free_bytes) if heard else "-",
+                human_bytes(n.memory_total_bytes) if heard else "-",
+                str(n.runners),
+                "-" if seen is None else f"{human_duration(max(now - seen, 0.0))} ago",
+            ]
+        )
+    return ["NODES", *table(NODE_COLUMNS, rows)]
+
+
+def node_json(n: control_pb2.NodeInfo) -> dict[str, Any]:
+    return {
+        "id": n.id,
+        "name": n.name,
+        "addresses": list(n.addresses),
+        "state": n.state,
+        "reason": n.reason or None,
+        "memory_free_bytes": n.memory_free_bytes,
+        "memory_total_bytes": n.memory_total_bytes,
+        "runners": n.runners,
+        "last_seen": rfc3339(n.last_seen) if n.HasField("last_seen") else None,
     }
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 from exod.eventlog import EventStore, Record, State, apply, maybe_snapshot, snapshot_seq
+from exod.eventlog.store import RawRecord
 from exod.proto.exo.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -29,8 +31,20 @@ class Journal:
     def append(self, event: events_pb2.Event) -> Record:
         """Write an event of this node; raises StoreError (disk_full) without changing the state."""
         record = self.store.append(event)
-        self.state = apply(self.state, record)
-        log.debug("event %d %s", record.seq, record.kind)
+        self._folded(record)
+        return record
+
+    def append_foreign(self, records: Sequence[RawRecord]) -> list[Record]:
+        """Keep and fold records copied from members; those held already are skipped. Raises
+        OriginConflict (a number held with another payload) or StoreError, keeping none."""
+        kept = self.store.append_foreign(records)
+        for record in kept:
+            self._folded(record)
+        return kept
+
+    def _folded(self, record: Record) -> None:
+        self.state = apply(self.state, record, own=self.store.origin)
+        log.debug("event %d %s of %s", record.seq, record.kind, record.origin)
         try:
             if maybe_snapshot(
                 self.store, self.state, self._snapshot_every, since=self._snapshot_seq
@@ -42,7 +56,6 @@ class Journal:
             log.exception("could not save a snapshot")
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
-        return record
 
     async def wait_beyond(self, seq: int) -> None:
         """Return once the log holds a record newer than `seq`."""

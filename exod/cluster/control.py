@@ -21,6 +21,7 @@ import psutil
 from exod.cluster import addresses, invite, join_client, joining, peer_server, pki, tls_store
 from exod.cluster.peer_server import PeerService
 from exod.cluster.protocol import PROTOCOL_VERSION
+from exod.cluster.replication import Replication
 from exod.config import Settings
 from exod.errors import ExoError
 from exod.journal import Journal
@@ -62,6 +63,16 @@ class Cluster:
         self._lock = asyncio.Lock()
         self._server: grpc.aio.Server | None = None
         self._material = material
+        self.replication = Replication(node_id, journal, settings.peer_timeout)
+
+    def addresses(self) -> list[str]:
+        """Where members reach this node's peer port; none outside a cluster."""
+        if self._material is None:
+            return []
+        try:
+            return list(addresses.invite_addresses(self._settings.peer_bind, machine_addresses()))
+        except ExoError:
+            return []
 
     def info(self) -> control_pb2.ClusterInfo | None:
         material = self._material
@@ -74,15 +85,25 @@ class Cluster:
         """Listen on the peer port when this node belongs to a cluster (else nothing listens)."""
         if self._material is not None:
             self._server = await self._listen(self._material)
+            self.replication.start(self._material)
 
     async def stop(self) -> None:
+        await self.replication.stop()
         if self._server is not None:
             await self._server.stop(grace=1.0)
             self._server = None
 
     async def _listen(self, material: tls_store.Material) -> grpc.aio.Server:
         s = self._settings
-        service = PeerService(self._id, s.node_name, self._admit)
+        service = PeerService(
+            self._id,
+            s.node_name,
+            self._admit,
+            journal=self._journal,
+            members=self._members,
+            # Three beats within the timeout: one lost or late does not make a member unreachable.
+            heartbeat_s=s.peer_timeout / 3,
+        )
         join_port = s.join_port if material.ca_key is not None else None
         ports = [("peer", s.peer_port, "EXOD_PEER_PORT")]
         if join_port is not None:
@@ -114,7 +135,10 @@ class Cluster:
             ) from None
 
     async def _become(
-        self, material: tls_store.Material, entered: events_pb2.ClusterEntered
+        self,
+        material: tls_store.Material,
+        entered: events_pb2.ClusterEntered,
+        learned: events_pb2.MembersLearned | None = None,
     ) -> None:
         """Listen as a member, then keep the files (node.crt last) and log it."""
         try:
@@ -129,6 +153,9 @@ class Cluster:
             raise ExoError(reason, str(e)) from None
         self._server, self._material = server, material
         self._journal.append(events_pb2.Event(cluster_entered=entered))
+        if learned is not None and learned.members:
+            self._journal.append(events_pb2.Event(members_learned=learned))
+        self.replication.start(material)
 
     def _refuse_member(self, doing: str) -> None:
         info = self.info()
@@ -247,7 +274,20 @@ class Cluster:
                 how="join",
                 ca_node_id=inviter.node_id,
             )
-            await self._become(material, entered)
+            # The members the CA's node knows, kept so that a restart finds them without mDNS.
+            learned = events_pb2.MembersLearned(
+                members=[
+                    events_pb2.KnownMember(
+                        node_id=m.id,
+                        name=m.name[:63],
+                        addresses=m.addresses[: addresses.MAX_ADDRESSES],
+                        port=m.port,
+                    )
+                    for m in reply.members
+                    if m.id and m.id != self._id
+                ]
+            )
+            await self._become(material, entered, learned)
             log.info("joined cluster %s through %s", cluster_id, inviter.node_id)
             return self._reply()
 

@@ -12,11 +12,13 @@ admit a joiner without a certificate and read a member's.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, cast
 
 import grpc
@@ -24,7 +26,9 @@ import psutil
 
 from exod.cluster import pki
 from exod.cluster.protocol import PROTOCOL_VERSION, check_version
+from exod.cluster.replicated import REPLICATED_KINDS
 from exod.errors import REASON_KEY, ExoError
+from exod.journal import Journal
 from exod.proto.exo.v1 import peer_pb2, peer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -40,18 +44,41 @@ KEEPALIVE = [
 ]
 
 JoinHandler = Callable[[peer_pb2.JoinRequest], Awaitable[peer_pb2.JoinReply]]
+MembersOf = Callable[[], list[peer_pb2.Member]]
 Ctx = grpc.aio.ServicerContext[object, object]
+# Records read from the log, and sent in one message, per batch while a follower catches up
+# (events are small: a few hundred bytes at most, so a batch stays far below gRPC's 4 MiB).
+FOLLOW_BATCH = 500
 
 
 async def _abort(context: Ctx, err: ExoError) -> None:
     await context.abort(err.code, err.message, trailing_metadata=((REASON_KEY, err.reason),))
 
 
+def _memory() -> tuple[int, int]:
+    memory = psutil.virtual_memory()
+    return int(memory.available), int(memory.total)
+
+
 class PeerService(peer_pb2_grpc.PeerServicer):
-    def __init__(self, node_id: str, name: str, join: JoinHandler) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        name: str,
+        join: JoinHandler,
+        *,
+        journal: Journal,
+        members: MembersOf,
+        heartbeat_s: float,
+    ) -> None:
         self._id = node_id
         self._name = name
         self._join = join
+        self._journal = journal
+        self._members = members
+        # A follower counts this node unreachable after EXOD_PEER_TIMEOUT of silence: a
+        # heartbeat well within it keeps an idle stream visibly alive.
+        self._heartbeat_s = heartbeat_s
 
     async def Join(  # gRPC method names are CamelCase
         self,
@@ -74,14 +101,79 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             check_version(request.protocol_version, f"peer {request.node_id}")
         except ExoError as e:
             await _abort(cast("Ctx", context), e)
-        memory = psutil.virtual_memory()
+        free, total = _memory()
+        store = self._journal.store
+        held, digest = 0, b""
+        if request.node_id and request.node_id != self._id:
+            held = await asyncio.to_thread(store.held, request.node_id)
+            payload = await asyncio.to_thread(store.payload_at, request.node_id, held)
+            digest = hashlib.sha256(payload).digest() if payload is not None else b""
+        own = await asyncio.to_thread(store.held, self._id)
         return peer_pb2.PeerHelloReply(
             protocol_version=PROTOCOL_VERSION,
             node_id=self._id,
             name=self._name,
-            memory_free_bytes=memory.available,
-            memory_total_bytes=memory.total,
+            memory_free_bytes=free,
+            memory_total_bytes=total,
+            members=self._members(),
+            caller_origin_seq=held,
+            own_origin_seq=own,
+            caller_last_digest=digest,
         )
+
+    async def Follow(  # gRPC method names are CamelCase
+        self,
+        request: peer_pb2.FollowRequest,
+        context: grpc.aio.ServicerContext[peer_pb2.FollowRequest, peer_pb2.FollowReply],
+    ) -> AsyncIterator[peer_pb2.FollowReply]:
+        try:
+            check_version(request.protocol_version, f"a follower of {request.origin}")
+            if request.after_origin_seq < 0:
+                raise ExoError("invalid_argument", "after_origin_seq must not be negative")
+        except ExoError as e:
+            await _abort(cast("Ctx", context), e)
+        store, origin = self._journal.store, request.origin
+        after = request.after_origin_seq
+        # What the follower should hold: the last replicated event at or before `after`.
+        prev = await asyncio.to_thread(store.last_of_kinds, origin, after, REPLICATED_KINDS)
+        sent = time.monotonic()
+        while True:
+            # Noted before reading, so that an append between the read and the wait wakes it.
+            seen = self._journal.state.last_seq
+            batch = await asyncio.to_thread(
+                store.read_origin, origin, after, REPLICATED_KINDS, FOLLOW_BATCH
+            )
+            if batch:
+                events = peer_pb2.ReplicatedEvents()
+                for r in batch:
+                    events.events.add(
+                        origin=r.origin,
+                        origin_seq=r.origin_seq,
+                        prev_origin_seq=prev,
+                        ts=r.ts,
+                        kind=r.kind,
+                        payload=r.payload,
+                    )
+                    prev = after = r.origin_seq
+                yield peer_pb2.FollowReply(events=events)
+                sent = time.monotonic()
+                continue  # read again: more may have come while these were sent
+            # A heartbeat when nothing was sent for a while, even while the log grows with
+            # local events only (a busy node's runs), so the follower never mistakes it for gone.
+            left = self._heartbeat_s - (time.monotonic() - sent)
+            if left > 0:
+                try:
+                    await asyncio.wait_for(self._journal.wait_beyond(seen), left)
+                    continue
+                except TimeoutError:
+                    pass
+            free, total = _memory()
+            yield peer_pb2.FollowReply(
+                heartbeat=peer_pb2.PeerHeartbeat(
+                    name=self._name, memory_free_bytes=free, memory_total_bytes=total
+                )
+            )
+            sent = time.monotonic()
 
 
 def caller_id(context: Ctx, ca_cert: bytes, now: float) -> str:
@@ -119,26 +211,44 @@ class CertificateCheck(_Interceptor):
         handler = await continuation(handler_call_details)
         if handler_call_details.method == JOIN or handler is None:
             return handler
-        inner = handler.unary_unary
-        if inner is None:
-            # Only unary calls exist so far; a streaming one must get its own check here
-            # before it is served, so until then it is refused outright.
-            return cast("grpc.RpcMethodHandler[object, object]", None)
         ca_cert = self._ca_cert
 
-        async def checked(request: object, context: Ctx) -> object:
+        async def check(context: Ctx) -> None:
             try:
                 caller_id(context, ca_cert, time.time())
             except ExoError as e:
                 e.reason = "permission_denied"
                 await _abort(context, e)
-            return await cast("Callable[[object, Ctx], Awaitable[object]]", inner)(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            checked,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        unary, streaming = handler.unary_unary, handler.unary_stream
+        if unary is not None:
+
+            async def checked(request: object, context: Ctx) -> object:
+                await check(context)
+                call = cast("Callable[[object, Ctx], Awaitable[object]]", unary)
+                return await call(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                checked,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if streaming is not None:
+
+            async def checked_stream(request: object, context: Ctx) -> AsyncIterator[object]:
+                await check(context)
+                call = cast("Callable[[object, Ctx], AsyncIterator[object]]", streaming)
+                async for reply in call(request, context):
+                    yield reply
+
+            return grpc.unary_stream_rpc_method_handler(
+                checked_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # A client-streaming call must get its own check here before it is served; until then
+        # it is refused outright.
+        return cast("grpc.RpcMethodHandler[object, object]", None)
 
 
 def check_port(bind: str, port: int) -> None:

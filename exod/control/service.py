@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import NoReturn, TypeVar
 
 import grpc
+import psutil
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from exod import API_VERSION, __version__
@@ -124,12 +125,28 @@ class ControlService(control_pb2_grpc.ControlServicer):
             event_count=state.last_seq,
             warnings=self._warnings(),
             cluster=self._node.cluster.info(),
+            nodes=[self._self_node(), *self._node.cluster.replication.nodes(time.time())],
+        )
+
+    def _self_node(self) -> control_pb2.NodeInfo:
+        memory = psutil.virtual_memory()
+        return control_pb2.NodeInfo(
+            id=self._node.id,
+            name=self._settings.node_name,
+            addresses=self._node.cluster.addresses(),
+            state="self",
+            memory_free_bytes=memory.available,
+            memory_total_bytes=memory.total,
+            runners=len(self._supervisor.runners),
         )
 
     def _warnings(self) -> list[control_pb2.Warning]:
         warnings = []
         if self._node.localnet.denied:
             warnings.append(control_pb2.Warning(code=localnet.CONDITION, message=localnet.ADVICE))
+        forked = self._node.cluster.replication.forked
+        if forked:
+            warnings.append(control_pb2.Warning(code="copied_home", message=forked))
         return warnings
 
     async def _runner_info(self, view: RunnerView) -> control_pb2.RunnerInfo:
@@ -200,8 +217,17 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 context, ExoError("invalid_argument", "since and limit must not be negative")
             )
         since, sent = request.since, 0
+        origin = request.node or None
         while True:
-            batch = self._journal.store.read(since, EVENTS_BATCH)
+            # Noted before the read: with --node most records may be of other origins, and the
+            # wait below must not return at once for them again and again.
+            seen = self._journal.state.last_seq
+            store = self._journal.store
+            batch = (
+                store.read(since, EVENTS_BATCH)
+                if origin is None
+                else store.read_of(origin, since, EVENTS_BATCH)
+            )
             for record in batch:
                 yield record_to_proto(record)
                 since, sent = record.seq, sent + 1
@@ -211,7 +237,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
                 continue
             if not request.follow:
                 return
-            await self._journal.wait_beyond(since)
+            await self._journal.wait_beyond(max(since, seen))
 
     # --- Cluster ----------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from exod.eventlog.fold import (
     FOLD_VERSION,
     ErrorView,
     ModelView,
+    PeerView,
     RunnerState,
     RunnerView,
     RunView,
@@ -17,7 +18,7 @@ from exod.eventlog.fold import (
 )
 from exod.eventlog.records import Record, kind_of
 from exod.eventlog.replay import maybe_snapshot, replay, snapshot_seq
-from exod.eventlog.store import EventStore, StoreError
+from exod.eventlog.store import EventStore, OriginConflict, StoreError
 
 __all__ = [
     "EMPTY",
@@ -25,6 +26,8 @@ __all__ = [
     "ErrorView",
     "EventStore",
     "ModelView",
+    "OriginConflict",
+    "PeerView",
     "Record",
     "RunView",
     "RunnerState",

@@ -3,6 +3,11 @@
 `apply` takes a state and one record and returns the next state, matched on the record's kind.
 Kinds it does not know are skipped (a newer exod may have written them), and facts about runners
 or runs it has no record of change nothing, so any log, however odd, folds without an error.
+
+State is keyed by origin: the records this node wrote build its runners, runs, models and
+invites; those copied from a member (another origin) only build that member's `PeerView` (the
+last origin_seq held, its live runners by id) and the list of members. A peer's ModelAdded or
+RunnerSpawned therefore never reaches this node's registry or runner table.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from exod.proto.exo.v1 import events_pb2
 
 # Bump whenever the meaning of the fold or the shape of `encode` changes: snapshots carry it,
 # and a snapshot of another version is ignored and rebuilt from the log.
-FOLD_VERSION: int = 3
+FOLD_VERSION: int = 4
 # Ended runners kept for `exoctl status` to show why they ended; older ones are forgotten so the
 # state, and so every snapshot, stays the same size however long the daemon runs.
 MAX_ENDED_RUNNERS = 32
@@ -99,6 +104,15 @@ class MemberView:
 
 
 @dataclass(frozen=True)
+class PeerView:
+    """What this node holds of another member's stream."""
+
+    id: str
+    held: int  # the highest origin_seq of it in this log
+    runners: tuple[str, ...] = ()  # its runners that its log says are alive, by id
+
+
+@dataclass(frozen=True)
 class State:
     runners: Mapping[str, RunnerView]
     runs: Mapping[str, RunView]
@@ -109,6 +123,8 @@ class State:
     invites: Mapping[str, InviteView] = field(default_factory=lambda: MappingProxyType({}))
     members: Mapping[str, MemberView] = field(default_factory=lambda: MappingProxyType({}))
     ca_node: str = ""  # the node holding the cluster's CA key, as of the last ClusterEntered
+    # Other members' streams as this log holds them, by origin (see apply's `own`).
+    peers: Mapping[str, PeerView] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def _frozen(items: dict[K, V]) -> Mapping[K, V]:
@@ -118,17 +134,23 @@ def _frozen(items: dict[K, V]) -> Mapping[K, V]:
 EMPTY = State(runners=_frozen({}), runs=_frozen({}), models=_frozen({}), last_seq=0, starts=0)
 
 
-def apply(state: State, record: Record) -> State:
-    """The state after one more record. Every record, even one skipped, advances last_seq."""
+def apply(state: State, record: Record, own: str = "") -> State:
+    """The state after one more record. Every record, even one skipped, advances last_seq.
+
+    `own` is the id of the node whose log this is: a record of another origin (copied from a
+    member) folds into that member's view only. "" treats every record as this node's own."""
     # A kind this exod's schema does not know parses with no oneof field set, so the names differ.
     known = kind_of(record.event) == record.kind
-    after = _apply(state, record) if known else state
+    if own and record.origin != own:
+        after = _apply_peer(state, record, own, known=known)
+    else:
+        after = _apply(state, record, own) if known else state
     return replace(after, last_seq=record.seq)
 
 
-def fold(records: Iterable[Record], state: State = EMPTY) -> State:
+def fold(records: Iterable[Record], state: State = EMPTY, own: str = "") -> State:
     for record in records:
-        state = apply(state, record)
+        state = apply(state, record, own)
     return state
 
 
@@ -138,7 +160,7 @@ def alive_runners(state: State) -> list[RunnerView]:
     return sorted(alive, key=lambda r: (r.spawned_at, r.id))
 
 
-def _apply(state: State, record: Record) -> State:  # noqa: PLR0911, PLR0912  one case per kind reads best
+def _apply(state: State, record: Record, own: str) -> State:  # noqa: PLR0911, PLR0912  one case per kind reads best
     e, ts = record.event, record.ts
     match record.kind:
         case "NodeStarted":
@@ -194,15 +216,54 @@ def _apply(state: State, record: Record) -> State:  # noqa: PLR0911, PLR0912  on
             live[i.secret_digest] = InviteView(digest=i.secret_digest, expires=float(i.expires))
             return replace(state, invites=_frozen(live))
         case "NodeJoined":
-            return _joined(state, e.node_joined)
+            return _joined(state, e.node_joined, own)
         case "ClusterEntered":
             return replace(state, ca_node=e.cluster_entered.ca_node_id)
+        case "MembersLearned":
+            return _learned(state, e.members_learned, own)
         case _:
             # NodeStopped changes nothing; it is logged for people reading `exoctl events`.
             return state
 
 
-def _joined(state: State, j: events_pb2.NodeJoined) -> State:
+def _apply_peer(state: State, record: Record, own: str, *, known: bool) -> State:
+    """A record another member wrote: only its view, and membership, change."""
+    peer = state.peers.get(record.origin) or PeerView(id=record.origin, held=0)
+    peer = replace(peer, held=max(peer.held, record.origin_seq))
+    e = record.event
+    match record.kind if known else "":
+        case "RunnerSpawned":
+            rid = e.runner_spawned.runner_id
+            if rid not in peer.runners:
+                peer = replace(peer, runners=(*peer.runners, rid))
+        case "RunnerFailed" | "RunnerStopped":
+            rid = e.runner_failed.runner_id or e.runner_stopped.runner_id
+            peer = replace(peer, runners=tuple(r for r in peer.runners if r != rid))
+        case "NodeJoined":
+            # The CA's node admitted someone: every member learns of it this way.
+            state = _joined(state, e.node_joined, own)
+        case _:
+            pass
+    return replace(state, peers=_with(state.peers, peer.id, peer))
+
+
+def _learned(state: State, learned: events_pb2.MembersLearned, own: str) -> State:
+    members = dict(state.members)
+    for m in learned.members:
+        if m.node_id == own:
+            continue
+        old = members.get(m.node_id)
+        members[m.node_id] = MemberView(
+            id=m.node_id,
+            name=m.name,
+            addresses=tuple(m.addresses),
+            port=m.port,
+            cert_fingerprint=old.cert_fingerprint if old is not None else "",
+        )
+    return replace(state, members=_frozen(members))
+
+
+def _joined(state: State, j: events_pb2.NodeJoined, own: str) -> State:
     member = MemberView(
         id=j.node_id,
         name=j.name,
@@ -214,6 +275,8 @@ def _joined(state: State, j: events_pb2.NodeJoined) -> State:
     invite = invites.get(j.secret_digest)
     if invite is not None:
         invites = _with(invites, invite.digest, replace(invite, used_by=j.node_id))
+    if own and j.node_id == own:
+        return replace(state, invites=invites)  # this node, as the CA's node saw it join
     return replace(state, invites=invites, members=_with(state.members, member.id, member))
 
 
@@ -268,6 +331,7 @@ def encode(state: State) -> bytes:
         "invites": [asdict(i) for i in state.invites.values()],
         "members": [asdict(m) for m in state.members.values()],
         "ca_node": state.ca_node,
+        "peers": [asdict(p) for p in state.peers.values()],
     }
     return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -285,6 +349,7 @@ def decode(data: bytes) -> State:
             invites=_frozen({i.digest: i for i in map(_invite, _list(doc, "invites", []))}),
             members=_frozen({m.id: m for m in map(_member, _list(doc, "members", []))}),
             ca_node=_str({"ca_node": doc.get("ca_node", "")}, "ca_node"),
+            peers=_frozen({p.id: p for p in map(_peer, _list(doc, "peers", []))}),
         )
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"not a state of fold version {FOLD_VERSION}: {e!r}") from None
@@ -352,6 +417,13 @@ def _member(d: Any) -> MemberView:
         port=_int(d, "port"),
         cert_fingerprint=_str(d, "cert_fingerprint"),
     )
+
+
+def _peer(d: Any) -> PeerView:
+    runners = _list(d, "runners")
+    if not all(isinstance(r, str) for r in runners):
+        raise TypeError("runners is not a list of strings")
+    return PeerView(id=_str(d, "id"), held=_int(d, "held"), runners=tuple(runners))
 
 
 # Typed reads from parsed JSON: a value of the wrong type is a damaged snapshot, not a crash later.

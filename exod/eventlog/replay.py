@@ -17,7 +17,8 @@ def replay(store: EventStore) -> State:
     """The state the log describes; the work is proportional to the records after the snapshot."""
     state = _from_snapshot(store)
     while batch := store.read(since=state.last_seq, limit=BATCH):
-        state = fold(batch, state)
+        # Keyed by origin: this node's records build its own state, the others' its peers'.
+        state = fold(batch, state, own=store.origin)
     return state
 
 

@@ -11,10 +11,10 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 from google.protobuf.message import DecodeError
 from sqlite_utils import Database
@@ -46,6 +46,21 @@ class StoreError(Exception):
         # to write): only a person can fix it, so exod refuses to start (exit 78) rather than
         # be restarted in a loop.
         self.unusable = unusable
+
+
+class RawRecord(NamedTuple):
+    """A record as stored, its payload not parsed: what replication sends, byte for byte."""
+
+    origin: str
+    origin_seq: int
+    ts: float
+    kind: str
+    payload: bytes
+
+
+class OriginConflict(Exception):
+    """A record of another origin arrived that this log holds already with another payload:
+    two nodes write under one id (a copied home). The message says which."""
 
 
 class EventStore:
@@ -101,16 +116,113 @@ class EventStore:
             seq, self.origin, origin_seq, when, kind, events_pb2.Event.FromString(payload)
         )
 
+    def append_foreign(self, records: Sequence[RawRecord]) -> list[Record]:
+        """Keep records other nodes wrote, under their own origin and origin_seq, in one
+        transaction; those held already (resent) are skipped; the new ones are returned. A record
+        held with another payload under its number is an OriginConflict, and nothing of the batch
+        is kept. Payloads are kept byte for byte, so that they compare exactly."""
+        for r in records:
+            if r.origin == self.origin:
+                raise OriginConflict(f"a record of this node's own id {r.origin} came from a peer")
+        kept: list[tuple[int, RawRecord]] = []
+        with self._lock, self._errors("write an event to"):
+            # NORMAL for a copy: a record lost to a power cut is fetched again from its origin
+            # (the follower resumes from what is held), so it need not wait for the disk. Set
+            # outside the transaction, and back to FULL for this node's own events after it.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with self._db.atomic():
+                    for r in records:
+                        seq = self._insert_foreign(r)
+                        if seq is not None:
+                            kept.append((seq, r))
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
+        return [
+            self._record((seq, r.origin, r.origin_seq, r.ts, r.kind, r.payload)) for seq, r in kept
+        ]
+
+    def _insert_foreign(self, r: RawRecord) -> int | None:
+        held = self._db.execute(
+            "SELECT payload FROM events WHERE origin = ? AND origin_seq = ?",
+            [r.origin, r.origin_seq],
+        ).fetchone()
+        if held is not None:
+            if bytes(held[0]) == r.payload:
+                return None
+            raise OriginConflict(
+                f"event {r.origin_seq} of {r.origin} arrived with another payload than the one "
+                "held: two nodes write under that id"
+            )
+        rows = self._db.execute(
+            "INSERT INTO events (origin, origin_seq, ts, kind, payload) "
+            "VALUES (?, ?, ?, ?, ?) RETURNING seq",
+            [r.origin, r.origin_seq, r.ts, r.kind, r.payload],
+        ).fetchall()
+        return int(rows[0][0])
+
     def read(self, since: int = 0, limit: int | None = None) -> list[Record]:
         """Records with seq > since, in seq order; at most limit of them when given."""
         with self._lock, self._errors("read"):
             rows = self._db.execute(
-                "SELECT seq, origin, origin_seq, ts, kind, payload FROM events "
-                "WHERE seq > ? ORDER BY seq LIMIT ?",
+                f"{_SELECT} WHERE seq > ? ORDER BY seq LIMIT ?",  # _SELECT is a constant
                 # SQLite reads a negative LIMIT as no limit.
                 [since, -1 if limit is None else limit],
             ).fetchall()
         return [self._record(row) for row in rows]
+
+    def read_of(self, origin: str, since: int = 0, limit: int | None = None) -> list[Record]:
+        """The records of `origin` (one member's stream) with seq > since, in seq order."""
+        with self._lock, self._errors("read"):
+            rows = self._db.execute(
+                f"{_SELECT} WHERE seq > ? AND origin = ? ORDER BY seq LIMIT ?",
+                [since, origin, -1 if limit is None else limit],
+            ).fetchall()
+        return [self._record(row) for row in rows]
+
+    def read_origin(
+        self, origin: str, after: int, kinds: Collection[str], limit: int
+    ) -> list[RawRecord]:
+        """Records of `origin` with origin_seq > after whose kind is one of `kinds`, in
+        origin_seq order, at most `limit`; payloads unparsed, as stored (to be sent on)."""
+        where = f"origin = ? AND origin_seq > ? AND kind IN ({_marks(kinds)})"
+        query = f"{_SELECT} WHERE {where} ORDER BY origin_seq LIMIT ?"  # ?s only
+        with self._lock, self._errors("read"):
+            rows = self._db.execute(query, [origin, after, *sorted(kinds), limit]).fetchall()
+        return [RawRecord(o, int(n), float(ts), k, bytes(p)) for _, o, n, ts, k, p in rows]
+
+    def last_of_kinds(self, origin: str, upto: int, kinds: Collection[str]) -> int:
+        """The highest origin_seq <= upto of `origin` among `kinds`; 0 when there is none."""
+        where = f"origin = ? AND origin_seq <= ? AND kind IN ({_marks(kinds)})"
+        query = f"SELECT COALESCE(MAX(origin_seq), 0) FROM events WHERE {where}"  # noqa: S608  # ?s only
+        with self._lock, self._errors("read"):
+            row = self._db.execute(query, [origin, upto, *sorted(kinds)]).fetchone()
+        return int(row[0])
+
+    def payload_at(self, origin: str, origin_seq: int) -> bytes | None:
+        """The stored payload of one record, byte for byte; None when it is not held."""
+        with self._lock, self._errors("read"):
+            row = self._db.execute(
+                "SELECT payload FROM events WHERE origin = ? AND origin_seq = ?",
+                [origin, origin_seq],
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def held(self, origin: str) -> int:
+        """The highest origin_seq of `origin` this log holds; 0 when none."""
+        with self._lock, self._errors("read"):
+            row = self._db.execute(
+                "SELECT COALESCE(MAX(origin_seq), 0) FROM events WHERE origin = ?", [origin]
+            ).fetchone()
+        return int(row[0])
+
+    def held_by_origin(self) -> dict[str, int]:
+        """The highest origin_seq held of every origin in the log."""
+        with self._lock, self._errors("read"):
+            rows = self._db.execute(
+                "SELECT origin, MAX(origin_seq) FROM events GROUP BY origin"
+            ).fetchall()
+        return {str(o): int(n) for o, n in rows}
 
     def last_seq(self) -> int:
         """The seq of the newest record; 0 when the log is empty."""
@@ -205,6 +317,14 @@ class EventStore:
             yield
         except sqlite3.Error as e:
             raise _store_error(e, doing, self.path) from e
+
+
+_SELECT = "SELECT seq, origin, origin_seq, ts, kind, payload FROM events"
+
+
+def _marks(items: Collection[str]) -> str:
+    """One SQL parameter per item: "?,?,?"."""
+    return ",".join("?" * len(items))
 
 
 def _damaged(path: Path, detail: str) -> str:

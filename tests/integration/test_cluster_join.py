@@ -345,6 +345,9 @@ def test_a_taken_peer_port_or_a_damaged_certificate_refuses_the_start(nodes: Nod
     b = nodes.b
     b.daemon.stop()
     with socket.socket() as taken:
+        # As exod binds: A's follower's connections to B's port linger in TIME_WAIT after B
+        # stopped, which only a plain bind would mind.
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         taken.bind((HOST, b.peer_port))
         taken.listen()
         line = start_refused(b)

@@ -262,9 +262,11 @@ def test_status_json_has_the_documented_shape_and_every_runner() -> None:
         "event_count",
         "warnings",
         "cluster",
+        "nodes",
         "runners",
     }
     assert obj["cluster"] is None  # outside a cluster
+    assert obj["nodes"] == []
     ready, failed, stopped = obj["runners"]
     assert ready == {
         "id": "r-1",
@@ -306,6 +308,48 @@ def test_status_shows_the_cluster_of_a_member() -> None:
     }
     lines = render.status_lines(reply, show_all=False, now=0.0)
     assert f"cluster c-0123456789ab  CA {'ab' * 32}" in lines
+
+
+def test_status_lists_the_members_of_a_cluster() -> None:
+    reply = _status()
+    reply.cluster.id = "c-0123456789ab"
+    me = reply.nodes.add(id="n-a", name="desk", state="self", runners=1, addresses=["10.0.0.2"])
+    me.memory_free_bytes, me.memory_total_bytes = 8 * 1024**3, 16 * 1024**3
+    peer = reply.nodes.add(id="n-b", name="laptop", state="alive", addresses=["10.0.0.3"])
+    peer.memory_free_bytes, peer.memory_total_bytes = 2 * 1024**3, 8 * 1024**3
+    peer.last_seen.FromSeconds(95)
+    reply.nodes.add(id="n-c", name="old", state="refused", reason="duplicate_id")
+    lines = render.status_lines(reply, show_all=False, now=100.0)
+    at = lines.index("NODES")
+    assert lines[at + 1].split() == list(render.NODE_COLUMNS)
+    assert lines[at + 2].split() == [
+        "n-a",
+        "desk",
+        "self",
+        "10.0.0.2",
+        "8.0",
+        "GiB",
+        "16.0",
+        "GiB",
+        "1",
+        "-",
+    ]
+    assert lines[at + 3].split()[:3] == ["n-b", "laptop", "alive"]
+    assert lines[at + 3].endswith(" ago")
+    assert "refused (duplicate_id)" in lines[at + 4]
+    nodes = render.status_json(reply)["nodes"]
+    assert nodes[1] == {
+        "id": "n-b",
+        "name": "laptop",
+        "addresses": ["10.0.0.3"],
+        "state": "alive",
+        "reason": None,
+        "memory_free_bytes": 2 * 1024**3,
+        "memory_total_bytes": 8 * 1024**3,
+        "runners": 0,
+        "last_seen": "1970-01-01T00:01:35.000000Z",
+    }
+    assert nodes[2]["reason"] == "duplicate_id" and nodes[2]["last_seen"] is None
 
 
 def test_api_version_warning_only_on_a_mismatch() -> None:

@@ -249,6 +249,7 @@ class StatusReply(_message.Message):
     WARNINGS_FIELD_NUMBER: _builtins.int
     NODE_NAME_FIELD_NUMBER: _builtins.int
     CLUSTER_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     api_version: _builtins.str
     node_id: _builtins.str
@@ -268,6 +269,10 @@ class StatusReply(_message.Message):
     def cluster(self) -> Global___ClusterInfo:
         """unset outside a cluster"""
 
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeInfo]:
+        """this node first, then every member it knows"""
+
     def __init__(
         self,
         *,
@@ -282,14 +287,66 @@ class StatusReply(_message.Message):
         warnings: _abc.Iterable[Global___Warning] | None = ...,
         node_name: _builtins.str = ...,
         cluster: Global___ClusterInfo | None = ...,
+        nodes: _abc.Iterable[Global___NodeInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "cluster", b"cluster", "event_count", b"event_count", "home", b"home", "node_id", b"node_id", "node_name", b"node_name", "pid", b"pid", "runners", b"runners", "uptime_s", b"uptime_s", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "cluster", b"cluster", "event_count", b"event_count", "home", b"home", "node_id", b"node_id", "node_name", b"node_name", "nodes", b"nodes", "pid", b"pid", "runners", b"runners", "uptime_s", b"uptime_s", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusReply: _TypeAlias = StatusReply  # noqa: Y015
+
+@_typing.final
+class NodeInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ADDRESSES_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MEMORY_FREE_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    RUNNERS_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    name: _builtins.str
+    state: _builtins.str
+    """self, alive, unreachable, refused, removed"""
+    reason: _builtins.str
+    """why refused (duplicate_id, ...); empty otherwise"""
+    memory_free_bytes: _builtins.int
+    """as last reported; 0 when never heard from"""
+    memory_total_bytes: _builtins.int
+    runners: _builtins.int
+    """its live runners, from its replicated runner events"""
+    @_builtins.property
+    def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def last_seen(self) -> _timestamp_pb2.Timestamp:
+        """unset for this node, and for one never heard from"""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        addresses: _abc.Iterable[_builtins.str] | None = ...,
+        state: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        memory_free_bytes: _builtins.int = ...,
+        memory_total_bytes: _builtins.int = ...,
+        runners: _builtins.int = ...,
+        last_seen: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen", b"last_seen"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "id", b"id", "last_seen", b"last_seen", "memory_free_bytes", b"memory_free_bytes", "memory_total_bytes", b"memory_total_bytes", "name", b"name", "reason", b"reason", "runners", b"runners", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeInfo: _TypeAlias = NodeInfo  # noqa: Y015
 
 @_typing.final
 class ClusterInfo(_message.Message):
@@ -590,21 +647,25 @@ class EventsRequest(_message.Message):
     SINCE_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
     since: _builtins.int
     """records with seq > since"""
     follow: _builtins.bool
     limit: _builtins.int
     """0: no limit"""
+    node: _builtins.str
+    """only the records of this origin (a member's node id); empty: all"""
     def __init__(
         self,
         *,
         since: _builtins.int = ...,
         follow: _builtins.bool = ...,
         limit: _builtins.int = ...,
+        node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "limit", b"limit", "since", b"since"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "limit", b"limit", "node", b"node", "since", b"since"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -38,6 +38,7 @@ class Event(_message.Message):
     INVITE_ISSUED_FIELD_NUMBER: _builtins.int
     NODE_JOINED_FIELD_NUMBER: _builtins.int
     CLUSTER_ENTERED_FIELD_NUMBER: _builtins.int
+    MEMBERS_LEARNED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def node_started(self) -> Global___NodeStarted: ...
     @_builtins.property
@@ -64,6 +65,8 @@ class Event(_message.Message):
     def node_joined(self) -> Global___NodeJoined: ...
     @_builtins.property
     def cluster_entered(self) -> Global___ClusterEntered: ...
+    @_builtins.property
+    def members_learned(self) -> Global___MembersLearned: ...
     def __init__(
         self,
         *,
@@ -80,12 +83,13 @@ class Event(_message.Message):
         invite_issued: Global___InviteIssued | None = ...,
         node_joined: Global___NodeJoined | None = ...,
         cluster_entered: Global___ClusterEntered | None = ...,
+        members_learned: Global___MembersLearned | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cluster_entered", b"cluster_entered", "invite_issued", b"invite_issued", "kind", b"kind", "model_added", b"model_added", "model_removed", b"model_removed", "node_joined", b"node_joined", "node_started", b"node_started", "node_stopped", b"node_stopped", "run_accepted", b"run_accepted", "run_finished", b"run_finished", "runner_failed", b"runner_failed", "runner_ready", b"runner_ready", "runner_spawned", b"runner_spawned", "runner_stopped", b"runner_stopped"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cluster_entered", b"cluster_entered", "invite_issued", b"invite_issued", "kind", b"kind", "members_learned", b"members_learned", "model_added", b"model_added", "model_removed", b"model_removed", "node_joined", b"node_joined", "node_started", b"node_started", "node_stopped", b"node_stopped", "run_accepted", b"run_accepted", "run_finished", b"run_finished", "runner_failed", b"runner_failed", "runner_ready", b"runner_ready", "runner_spawned", b"runner_spawned", "runner_stopped", b"runner_stopped"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_entered", b"cluster_entered", "invite_issued", b"invite_issued", "kind", b"kind", "model_added", b"model_added", "model_removed", b"model_removed", "node_joined", b"node_joined", "node_started", b"node_started", "node_stopped", b"node_stopped", "run_accepted", b"run_accepted", "run_finished", b"run_finished", "runner_failed", b"runner_failed", "runner_ready", b"runner_ready", "runner_spawned", b"runner_spawned", "runner_stopped", b"runner_stopped"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_entered", b"cluster_entered", "invite_issued", b"invite_issued", "kind", b"kind", "members_learned", b"members_learned", "model_added", b"model_added", "model_removed", b"model_removed", "node_joined", b"node_joined", "node_started", b"node_started", "node_stopped", b"node_stopped", "run_accepted", b"run_accepted", "run_finished", b"run_finished", "runner_failed", b"runner_failed", "runner_ready", b"runner_ready", "runner_spawned", b"runner_spawned", "runner_stopped", b"runner_stopped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["node_started", "node_stopped", "runner_spawned", "runner_ready", "runner_failed", "runner_stopped", "run_accepted", "run_finished", "model_added", "model_removed", "invite_issued", "node_joined", "cluster_entered"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["node_started", "node_stopped", "runner_spawned", "runner_ready", "runner_failed", "runner_stopped", "run_accepted", "run_finished", "model_added", "model_removed", "invite_issued", "node_joined", "cluster_entered", "members_learned"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -482,3 +486,56 @@ class ClusterEntered(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClusterEntered: _TypeAlias = ClusterEntered  # noqa: Y015
+
+@_typing.final
+class MembersLearned(_message.Message):
+    """Members this node learned from another (the CA's node's answer to a join, a peer's Hello), so
+    that a restart finds them without mDNS. Local: it is not replicated.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___KnownMember]: ...
+    def __init__(
+        self,
+        *,
+        members: _abc.Iterable[Global___KnownMember] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["members", b"members"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MembersLearned: _TypeAlias = MembersLearned  # noqa: Y015
+
+@_typing.final
+class KnownMember(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ADDRESSES_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    name: _builtins.str
+    port: _builtins.int
+    @_builtins.property
+    def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        addresses: _abc.Iterable[_builtins.str] | None = ...,
+        port: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "name", b"name", "node_id", b"node_id", "port", b"port"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KnownMember: _TypeAlias = KnownMember  # noqa: Y015

@@ -168,11 +168,32 @@ class PeerHelloReply(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     MEMORY_FREE_BYTES_FIELD_NUMBER: _builtins.int
     MEMORY_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    CALLER_ORIGIN_SEQ_FIELD_NUMBER: _builtins.int
+    OWN_ORIGIN_SEQ_FIELD_NUMBER: _builtins.int
+    CALLER_LAST_DIGEST_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.str
     node_id: _builtins.str
     name: _builtins.str
     memory_free_bytes: _builtins.int
     memory_total_bytes: _builtins.int
+    caller_origin_seq: _builtins.int
+    """The highest origin_seq this node holds of the caller's own id (request.node_id): more than
+    the caller holds itself means the caller's home was copied or restored from a backup.
+    """
+    own_origin_seq: _builtins.int
+    """The highest origin_seq of its own stream this node holds: less than a follower holds of it
+    means this node's home went back in time (restored or copied), and it is refused.
+    """
+    caller_last_digest: _builtins.bytes
+    """SHA-256 of the payload of the caller's event caller_origin_seq as this node holds it: another
+    digest of the same event in the caller's own log means the caller's home is a copy that has
+    written on since.
+    """
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___Member]:
+        """the members this node knows, itself first"""
+
     def __init__(
         self,
         *,
@@ -181,11 +202,162 @@ class PeerHelloReply(_message.Message):
         name: _builtins.str = ...,
         memory_free_bytes: _builtins.int = ...,
         memory_total_bytes: _builtins.int = ...,
+        members: _abc.Iterable[Global___Member] | None = ...,
+        caller_origin_seq: _builtins.int = ...,
+        own_origin_seq: _builtins.int = ...,
+        caller_last_digest: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_free_bytes", b"memory_free_bytes", "memory_total_bytes", b"memory_total_bytes", "name", b"name", "node_id", b"node_id", "protocol_version", b"protocol_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller_last_digest", b"caller_last_digest", "caller_origin_seq", b"caller_origin_seq", "members", b"members", "memory_free_bytes", b"memory_free_bytes", "memory_total_bytes", b"memory_total_bytes", "name", b"name", "node_id", b"node_id", "own_origin_seq", b"own_origin_seq", "protocol_version", b"protocol_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PeerHelloReply: _TypeAlias = PeerHelloReply  # noqa: Y015
+
+@_typing.final
+class FollowRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    AFTER_ORIGIN_SEQ_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.str
+    origin: _builtins.str
+    """whose stream"""
+    after_origin_seq: _builtins.int
+    """One less than the last origin_seq of it the follower holds: the sender sends that last one
+    again, so that the follower can check it is the event it holds (not a copied home's fork).
+    """
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.str = ...,
+        origin: _builtins.str = ...,
+        after_origin_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_origin_seq", b"after_origin_seq", "origin", b"origin", "protocol_version", b"protocol_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FollowRequest: _TypeAlias = FollowRequest  # noqa: Y015
+
+@_typing.final
+class ReplicatedEvent(_message.Message):
+    """One record as its origin stored it. prev_origin_seq is the origin_seq of the replicated event
+    of the same origin sent before it (or held before it, for the first): a follower that holds
+    another last origin_seq has missed one, and asks again from what it holds.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    ORIGIN_SEQ_FIELD_NUMBER: _builtins.int
+    PREV_ORIGIN_SEQ_FIELD_NUMBER: _builtins.int
+    TS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    origin: _builtins.str
+    origin_seq: _builtins.int
+    prev_origin_seq: _builtins.int
+    ts: _builtins.float
+    """unix seconds, by the origin's clock"""
+    kind: _builtins.str
+    payload: _builtins.bytes
+    """the serialized exod.proto.exo.v1.Event, byte for byte as stored"""
+    def __init__(
+        self,
+        *,
+        origin: _builtins.str = ...,
+        origin_seq: _builtins.int = ...,
+        prev_origin_seq: _builtins.int = ...,
+        ts: _builtins.float = ...,
+        kind: _builtins.str = ...,
+        payload: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "origin", b"origin", "origin_seq", b"origin_seq", "payload", b"payload", "prev_origin_seq", b"prev_origin_seq", "ts", b"ts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicatedEvent: _TypeAlias = ReplicatedEvent  # noqa: Y015
+
+@_typing.final
+class PeerHeartbeat(_message.Message):
+    """Sent while there is nothing new, so that the follower knows the link is alive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MEMORY_FREE_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    memory_free_bytes: _builtins.int
+    memory_total_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        memory_free_bytes: _builtins.int = ...,
+        memory_total_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_free_bytes", b"memory_free_bytes", "memory_total_bytes", b"memory_total_bytes", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerHeartbeat: _TypeAlias = PeerHeartbeat  # noqa: Y015
+
+@_typing.final
+class ReplicatedEvents(_message.Message):
+    """Events in origin_seq order, as many as were ready (at most a few hundred): one message each
+    would cost more in gRPC than in SQLite.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicatedEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___ReplicatedEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicatedEvents: _TypeAlias = ReplicatedEvents  # noqa: Y015
+
+@_typing.final
+class FollowReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> Global___ReplicatedEvents: ...
+    @_builtins.property
+    def heartbeat(self) -> Global___PeerHeartbeat: ...
+    def __init__(
+        self,
+        *,
+        events: Global___ReplicatedEvents | None = ...,
+        heartbeat: Global___PeerHeartbeat | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "heartbeat", b"heartbeat", "msg", b"msg"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "heartbeat", b"heartbeat", "msg", b"msg"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["events", "heartbeat"]  # noqa: Y015
+    _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
+
+Global___FollowReply: _TypeAlias = FollowReply  # noqa: Y015

@@ -44,6 +44,11 @@ class PeerStub:
                 request_serializer=exo_dot_v1_dot_peer__pb2.PeerHelloRequest.SerializeToString,
                 response_deserializer=exo_dot_v1_dot_peer__pb2.PeerHelloReply.FromString,
                 _registered_method=True)
+        self.Follow = channel.unary_stream(
+                '/exo.v1.Peer/Follow',
+                request_serializer=exo_dot_v1_dot_peer__pb2.FollowRequest.SerializeToString,
+                response_deserializer=exo_dot_v1_dot_peer__pb2.FollowReply.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -61,6 +66,15 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Follow(self, request, context):
+        """The replicated events of `origin` that this node holds, after `after_origin_seq`, in
+        origin_seq order; then new ones as they are written, with a heartbeat while there are none.
+        Never ends by itself: the follower hangs up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +87,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Hello,
                     request_deserializer=exo_dot_v1_dot_peer__pb2.PeerHelloRequest.FromString,
                     response_serializer=exo_dot_v1_dot_peer__pb2.PeerHelloReply.SerializeToString,
+            ),
+            'Follow': grpc.unary_stream_rpc_method_handler(
+                    servicer.Follow,
+                    request_deserializer=exo_dot_v1_dot_peer__pb2.FollowRequest.FromString,
+                    response_serializer=exo_dot_v1_dot_peer__pb2.FollowReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +148,33 @@ class Peer:
             '/exo.v1.Peer/Hello',
             exo_dot_v1_dot_peer__pb2.PeerHelloRequest.SerializeToString,
             exo_dot_v1_dot_peer__pb2.PeerHelloReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Follow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/exo.v1.Peer/Follow',
+            exo_dot_v1_dot_peer__pb2.FollowRequest.SerializeToString,
+            exo_dot_v1_dot_peer__pb2.FollowReply.FromString,
             options,
             channel_credentials,
             insecure,

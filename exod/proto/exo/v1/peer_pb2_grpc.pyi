@@ -38,12 +38,22 @@ class PeerStub:
     def __new__(cls, channel: _aio.Channel) -> PeerAsyncStub: ...
     Join: _grpc.UnaryUnaryMultiCallable[_peer_pb2.JoinRequest, _peer_pb2.JoinReply]
     Hello: _grpc.UnaryUnaryMultiCallable[_peer_pb2.PeerHelloRequest, _peer_pb2.PeerHelloReply]
+    Follow: _grpc.UnaryStreamMultiCallable[_peer_pb2.FollowRequest, _peer_pb2.FollowReply]
+    """The replicated events of `origin` that this node holds, after `after_origin_seq`, in
+    origin_seq order; then new ones as they are written, with a heartbeat while there are none.
+    Never ends by itself: the follower hangs up.
+    """
 
 @_typing.type_check_only
 class PeerAsyncStub(PeerStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Join: _aio.UnaryUnaryMultiCallable[_peer_pb2.JoinRequest, _peer_pb2.JoinReply]  # type: ignore[assignment]
     Hello: _aio.UnaryUnaryMultiCallable[_peer_pb2.PeerHelloRequest, _peer_pb2.PeerHelloReply]  # type: ignore[assignment]
+    Follow: _aio.UnaryStreamMultiCallable[_peer_pb2.FollowRequest, _peer_pb2.FollowReply]  # type: ignore[assignment]
+    """The replicated events of `origin` that this node holds, after `after_origin_seq`, in
+    origin_seq order; then new ones as they are written, with a heartbeat while there are none.
+    Never ends by itself: the follower hangs up.
+    """
 
 class PeerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -59,5 +69,16 @@ class PeerServicer(metaclass=_abc_1.ABCMeta):
         request: _peer_pb2.PeerHelloRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_peer_pb2.PeerHelloReply, _abc.Awaitable[_peer_pb2.PeerHelloReply]]: ...
+
+    @_abc_1.abstractmethod
+    def Follow(
+        self,
+        request: _peer_pb2.FollowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_peer_pb2.FollowReply], _abc.AsyncIterator[_peer_pb2.FollowReply]]:
+        """The replicated events of `origin` that this node holds, after `after_origin_seq`, in
+        origin_seq order; then new ones as they are written, with a heartbeat while there are none.
+        Never ends by itself: the follower hangs up.
+        """
 
 def add_PeerServicer_to_server(servicer: PeerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,250 @@
+"""Following every member's event log: one task per member, over mutual TLS.
+
+Each follower connects to its member's peer port (the certificate must name that member's id),
+says Hello (which reports the member's memory and the members it knows, and how much of this
+node's own stream it holds), then calls Follow from the last origin_seq this log holds of it and
+keeps every replicated event it receives in this node's log, folded into the state under the
+member's origin. A broken link is retried with a doubling, bounded backoff.
+
+Liveness is derived here and never logged: a member is alive while a message (a Hello answer, an
+event or a heartbeat) arrived within EXOD_PEER_TIMEOUT. A Follow stream that stays silent that
+long is hung up on, so a cut link or a stopped machine is noticed within the timeout whatever
+TCP does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from contextlib import suppress
+from dataclasses import dataclass
+
+import grpc
+
+from exod.cluster import tls_store
+from exod.cluster.peer_server import KEEPALIVE, endpoint
+from exod.cluster.protocol import PROTOCOL_VERSION, check_version
+from exod.cluster.replicated import Gap, backoff, check_next, liveness
+from exod.errors import ExoError
+from exod.eventlog import OriginConflict, StoreError
+from exod.eventlog.store import RawRecord
+from exod.journal import Journal
+from exod.proto.exo.v1 import control_pb2, events_pb2, peer_pb2, peer_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Link:
+    """What this node knows, live, of one member (never logged)."""
+
+    member_id: str
+    last_seen: float | None = None  # unix seconds of the last message from it
+    name: str = ""
+    memory_free: int = 0
+    memory_total: int = 0
+    refused: str = ""  # why its stream is no longer followed (duplicate_id); "" while followed
+    task: asyncio.Task[None] | None = None
+
+
+class Replication:
+    def __init__(self, node_id: str, journal: Journal, peer_timeout: float) -> None:
+        self._id = node_id
+        self._journal = journal
+        self._timeout = peer_timeout
+        self._links: dict[str, Link] = {}
+        self._material: tls_store.Material | None = None
+        self._watch: asyncio.Task[None] | None = None
+        # Set when a member holds more of this node's own stream than this log does: its home
+        # was copied or restored from a backup. Shown as a warning by `exoctl status`.
+        self.forked: str = ""
+
+    def start(self, material: tls_store.Material) -> None:
+        """Follow every member known now, and each one that becomes known later."""
+        self._material = material
+        if self._watch is None:
+            self._watch = asyncio.create_task(self._watch_members())
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._watch, *(link.task for link in self._links.values())) if t]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with suppress(asyncio.CancelledError):
+                await task
+        self._watch = None
+
+    def nodes(self, now: float) -> list[control_pb2.NodeInfo]:
+        """Every member this node knows, as `exoctl status` shows them, sorted by id."""
+        state = self._journal.state
+        found = []
+        for member in sorted(state.members.values(), key=lambda m: m.id):
+            if member.id == self._id:
+                continue
+            link = self._links.get(member.id) or Link(member.id)
+            peer = state.peers.get(member.id)
+            info = control_pb2.NodeInfo(
+                id=member.id,
+                name=link.name or member.name,
+                addresses=member.addresses,
+                state="refused" if link.refused else liveness(link.last_seen, now, self._timeout),
+                reason=link.refused,
+                memory_free_bytes=link.memory_free,
+                memory_total_bytes=link.memory_total,
+                runners=len(peer.runners) if peer is not None else 0,
+            )
+            if link.last_seen is not None:
+                info.last_seen.FromNanoseconds(int(link.last_seen * 1e9))
+            found.append(info)
+        return found
+
+    # --- members ----------------------------------------------------------------------------------
+
+    async def _watch_members(self) -> None:
+        while True:
+            seen = self._journal.state.last_seq
+            for member in list(self._journal.state.members.values()):
+                if member.id == self._id:
+                    continue
+                link = self._links.setdefault(member.id, Link(member.id, name=member.name))
+                # A follower ends only when it had no address to try, or was refused; a
+                # member's new addresses (learned since) are worth another try.
+                if not link.refused and (link.task is None or link.task.done()):
+                    link.task = asyncio.create_task(self._follow(link))
+            await self._journal.wait_beyond(seen)
+
+    def _learn(self, members: list[peer_pb2.Member]) -> None:
+        known = self._journal.state.members
+        new = [
+            events_pb2.KnownMember(
+                node_id=m.id, name=m.name, addresses=m.addresses[:4], port=m.port
+            )
+            for m in members
+            if m.id and m.id != self._id and m.id not in known and m.port > 0
+        ]
+        if new:
+            # Logged (locally) so that a restart finds them without asking anyone.
+            learned = events_pb2.MembersLearned(members=new)
+            self._journal.append(events_pb2.Event(members_learned=learned))
+
+    # --- one member -------------------------------------------------------------------------------
+
+    async def _follow(self, link: Link) -> None:
+        attempt = 0
+        while True:
+            member = self._journal.state.members.get(link.member_id)
+            material = self._material
+            if member is None or material is None or not member.addresses:
+                return  # nowhere to reach it (yet): mDNS or a Hello may tell later
+            address = member.addresses[attempt % len(member.addresses)]
+            target = endpoint(address, member.port)
+            try:
+                credentials = grpc.ssl_channel_credentials(
+                    material.ca_cert, material.node_key, material.node_cert
+                )
+                # The member's certificate must name its id: another member cannot stand in.
+                options = [("grpc.ssl_target_name_override", member.id), *KEEPALIVE]
+                async with grpc.aio.secure_channel(target, credentials, options=options) as ch:
+                    stub = peer_pb2_grpc.PeerStub(ch)
+                    await self._hello(stub, link)
+                    attempt = 0
+                    await self._stream(stub, link)
+            except OriginConflict as e:
+                link.refused = "duplicate_id"
+                log.error("no longer following %s: %s", link.member_id, e)
+                return
+            except (grpc.aio.AioRpcError, Gap, TimeoutError, StoreError, ExoError) as e:
+                log.info("link to %s (%s) broke: %s", link.member_id, target, _why(e))
+            except Exception:
+                # Whatever a peer sends must not end the following of it for good, nor exod.
+                log.exception("following %s (%s) failed; retrying", link.member_id, target)
+            await asyncio.sleep(backoff(attempt))
+            attempt += 1
+
+    async def _hello(self, stub: peer_pb2_grpc.PeerAsyncStub, link: Link) -> None:
+        request = peer_pb2.PeerHelloRequest(
+            protocol_version=PROTOCOL_VERSION, node_id=self._id, name=""
+        )
+        reply = await stub.Hello(request, timeout=self._timeout)
+        check_version(reply.protocol_version, f"peer {link.member_id}")
+        if reply.node_id != link.member_id:
+            raise ExoError(
+                "permission_denied", f"{link.member_id}'s address answers as {reply.node_id}"
+            )
+        held = await asyncio.to_thread(self._journal.store.held, link.member_id)
+        if reply.own_origin_seq < held:
+            # Its own log ends before what this node holds of it: its home went back in time
+            # (restored from a backup, or copied from it), and its next events would fork.
+            raise OriginConflict(
+                f"{link.member_id} holds its own stream up to {reply.own_origin_seq}, this node "
+                f"holds it up to {held}: its home was restored or copied"
+            )
+        link.last_seen = time.time()
+        link.name = reply.name
+        link.memory_free, link.memory_total = reply.memory_free_bytes, reply.memory_total_bytes
+        await self._check_own_stream(reply, link.member_id)
+        self._learn(list(reply.members))
+
+    async def _check_own_stream(self, reply: peer_pb2.PeerHelloReply, member_id: str) -> None:
+        """Warn (once) when a member holds more of this node's own stream than this log, or
+        another event under the same number: this home is a copy or a restored backup."""
+        store = self._journal.store
+        theirs = reply.caller_origin_seq
+        mine = await asyncio.to_thread(store.held, self._id)
+        ours = await asyncio.to_thread(store.payload_at, self._id, theirs) if theirs else None
+        differs = ours is not None and hashlib.sha256(ours).digest() != reply.caller_last_digest
+        if (theirs > mine or differs) and not self.forked:
+            what = f"this log ends at {mine}" if theirs > mine else "this log holds another"
+            self.forked = (
+                f"member {member_id} holds event {theirs} of this node's own id {self._id}, "
+                f"{what}: this home was copied or restored from a backup; stop exod, move "
+                "EXOD_HOME aside and join the cluster again as a new node"
+            )
+            log.error("%s", self.forked)
+
+    async def _stream(self, stub: peer_pb2_grpc.PeerAsyncStub, link: Link) -> None:
+        origin = link.member_id
+        held = await asyncio.to_thread(self._journal.store.held, origin)
+        # From the last one held: it comes again, and must be the same (else a copied home).
+        request = peer_pb2.FollowRequest(
+            protocol_version=PROTOCOL_VERSION, origin=origin, after_origin_seq=max(held - 1, 0)
+        )
+        call = stub.Follow(request)
+        try:
+            while True:
+                # Silence beyond the timeout means the link is gone, whatever TCP thinks.
+                reply = await asyncio.wait_for(call.read(), self._timeout)
+                if not isinstance(reply, peer_pb2.FollowReply):
+                    return  # grpc.aio.EOF: the member ended the stream (it is stopping)
+                link.last_seen = time.time()
+                if reply.HasField("heartbeat"):
+                    beat = reply.heartbeat
+                    link.name = beat.name or link.name
+                    link.memory_free = beat.memory_free_bytes
+                    link.memory_total = beat.memory_total_bytes
+                    continue
+                batch = []
+                for event in reply.events.events:
+                    if event.origin != origin:
+                        raise Gap(f"asked for {origin}'s events, got one of {event.origin!r}")
+                    if event.origin_seq > held:
+                        check_next(held, event.prev_origin_seq, event.origin_seq)
+                        held = event.origin_seq
+                    # One held already (the last, sent again) must be the same, else the store
+                    # raises OriginConflict: two nodes write under that id.
+                    batch.append(
+                        RawRecord(origin, event.origin_seq, event.ts, event.kind, event.payload)
+                    )
+                self._journal.append_foreign(batch)
+        finally:
+            call.cancel()
+
+
+def _why(e: Exception) -> str:
+    if isinstance(e, grpc.aio.AioRpcError):
+        return f"{e.code().name}: {e.details()}"
+    if isinstance(e, TimeoutError):
+        return "silent beyond EXOD_PEER_TIMEOUT"
+    return str(e)
