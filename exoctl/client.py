@@ -125,6 +125,15 @@ class Client:
         request = control_pb2.ClusterJoinRequest(token=token)
         return self._unary(self._stub.ClusterJoin, request, JOIN_TIMEOUT_S)
 
+    def cluster_remove(self, node_id: str) -> control_pb2.ClusterRemoveReply:
+        request = control_pb2.ClusterRemoveRequest(node_id=node_id)
+        return self._unary(self._stub.ClusterRemove, request)
+
+    def cluster_leave(self) -> control_pb2.ClusterReply:
+        # It waits for the CA's node, as a join waits for the inviter.
+        request = control_pb2.ClusterLeaveRequest()
+        return self._unary(self._stub.ClusterLeave, request, JOIN_TIMEOUT_S)
+
     def run(self, request: control_pb2.RunRequest) -> grpc.CallIterator[control_pb2.RunReply]:
         """The generation's replies; RpcErrors surface while iterating (see self.failure)."""
         return self._stub.Run(request, metadata=METADATA, wait_for_ready=False)

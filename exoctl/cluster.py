@@ -1,4 +1,4 @@
-"""`exoctl cluster`: make a cluster, invite a node into it, join one."""
+"""`exoctl cluster`: make a cluster, invite a node into it, join one, leave it, remove a node."""
 
 from __future__ import annotations
 
@@ -58,10 +58,14 @@ def cluster_group() -> None:
     On the first machine:   exoctl cluster init
                             exoctl cluster invite        # prints a one-time token
     On the new machine:     exoctl cluster join TOKEN
+    To take a node out:     exoctl cluster remove NODE   # on the first machine
+                            exoctl cluster leave         # or on that node
 
     \b
-    Exit codes: 64 a garbled token, or already a member; 77 the token was used or expired;
-    75 the inviter did not answer (EXOD_PEER_TIMEOUT), or the invite must be made on another node.
+    Exit codes: 64 a garbled token, already a member, or the CA's node leaving or removing
+    itself; 77 the token was used or expired; 66 remove of a node that is not a member;
+    75 the inviter or the CA's node did not answer (EXOD_PEER_TIMEOUT), or the invite or
+    removal must be made on another node.
     """
 
 
@@ -163,3 +167,64 @@ def cluster_join(*, token: str, as_json: bool, socket: Path | None) -> None:
     with connect(socket) as client:
         reply = client.cluster_join(token)
     _print_cluster(reply, as_json)
+
+
+@cluster_group.command("remove")
+@click.argument("node")
+@json_option
+@socket_option
+def cluster_remove(*, node: str, as_json: bool, socket: Path | None) -> None:
+    """Take NODE (its id, as `exoctl status` lists it) out of this cluster, for good.
+
+    Writes an entry signed by the cluster's CA that every member copies and enforces: each
+    refuses every call of NODE from then on, even while this node is off. Run it on the node
+    that ran `init` (it holds the CA key); elsewhere it exits 75 naming that node. Models
+    loaded anywhere keep running. Removing a node removed already succeeds and changes nothing.
+
+    \b
+    Exit codes: 66 NODE is not a member; 64 NODE is this node (the CA's), or outside a cluster;
+    75 run it on the CA's node.
+
+    \b
+    Examples:
+      exoctl cluster remove n-0b41d2e8a9c3
+      exoctl cluster remove n-0b41d2e8a9c3 --json
+    """
+    from exoctl import render
+
+    with connect(socket) as client:
+        reply = client.cluster_remove(node)
+    if as_json:
+        print_json({"removed": reply.node_id, "cluster": render.cluster_json(reply.cluster)})
+    else:
+        click.echo(f"removed {reply.node_id} from cluster {reply.cluster.id}")
+
+
+@cluster_group.command("leave")
+@json_option
+@socket_option
+def cluster_leave(*, as_json: bool, socket: Path | None) -> None:
+    """Leave this node's cluster: the CA's node removes it, then it forgets its TLS files.
+
+    The CA's node writes the same signed entry as `remove`, so every member refuses this node
+    from then on; this node then deletes EXOD_HOME/tls, stops listening on the peer port and
+    belongs to no cluster. Its loaded models keep running. To join again later, it needs a
+    fresh home (a removal is for good for its node id: docs/cluster.md).
+
+    \b
+    Exit codes: 75 the CA's node did not answer (this node stays a member; retry);
+    64 this node is the CA's node, or in no cluster.
+
+    \b
+    Examples:
+      exoctl cluster leave
+      exoctl cluster leave --json
+    """
+    from exoctl import render
+
+    with connect(socket) as client:
+        reply = client.cluster_leave()
+    if as_json:
+        print_json({"left": render.cluster_json(reply.cluster), "node_id": reply.node_id})
+    else:
+        click.echo(f"left cluster {reply.cluster.id}")

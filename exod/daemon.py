@@ -26,6 +26,8 @@ from typing import IO
 from exod import __version__, config
 from exod.cluster import tls_store
 from exod.cluster.control import CannotListen, Cluster, tls_dir
+from exod.cluster.discovery import DiscoveryError
+from exod.cluster.finder import Finder
 from exod.config import Settings
 from exod.control import server as control_server
 from exod.control.service import ControlService, Node
@@ -38,6 +40,7 @@ from exod.runners import process
 from exod.runners.cgroup import MemoryCgroups
 from exod.runners.supervisor import Supervisor
 from exod.runs import Runs
+from exod.service import localnet
 from exod.service.localnet import LocalNetwork
 from exod.service.notify import Notifier
 from exod.service.selfcheck import DEFAULT_PERIOD_S, SelfCheck
@@ -249,6 +252,7 @@ async def serve(settings: Settings) -> None:
         runs = Runs(settings, journal, supervisor, secret)
         cluster = Cluster(settings, node_id, journal, material)
         node = Node(id=node_id, started=time.time(), localnet=LocalNetwork(), cluster=cluster)
+        localnet.watch_mdns_sends(node.localnet)  # macOS's denial shows as failed sends
         await serve_until_stopped(settings, node, runs, notifier)
         try:
             journal.append(events_pb2.Event(node_stopped=events_pb2.NodeStopped(reason="signal")))
@@ -279,10 +283,21 @@ async def serve_until_stopped(
     except RuntimeError as e:  # gRPC's bind failure; check_socket_path caught the usual causes
         fix = SOCKET_FIX.format(user=config.user_name())
         raise Refused(Exit.CONFIG, f"cannot listen on {settings.socket}: {e}; {fix}") from e
+    finder = Finder(
+        node.id,
+        node.cluster,
+        runs.journal,
+        port=settings.peer_port,
+        bind=settings.peer_bind,
+        interfaces=settings.mdns_interfaces,
+    )
     try:
         # A member listens on its peer port again; a node in no cluster listens on none.
         await node.cluster.start()
-    except CannotListen as e:
+        # mDNS pinned to an address this machine lacks is a setting to fix: refuse to start.
+        await finder.start()
+    except (CannotListen, DiscoveryError) as e:
+        await node.cluster.stop()
         await server.stop(grace=None)
         http.close()
         raise Refused(Exit.CONFIG, str(e)) from e
@@ -305,7 +320,10 @@ async def serve_until_stopped(
     health.cancel()
     await control_server.set_serving(checker, False)
     http.close()  # no new requests; those in flight end with their runs, just below
-    await asyncio.gather(supervisor.shutdown(), control.shutdown(), node.cluster.stop())
+    # mDNS says goodbye meanwhile: the others see this node leave at once.
+    await asyncio.gather(
+        supervisor.shutdown(), control.shutdown(), finder.stop(), node.cluster.stop()
+    )
     await http.wait_closed()
     await server.stop(grace=1.0)
     with contextlib.suppress(FileNotFoundError):

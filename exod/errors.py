@@ -56,6 +56,7 @@ REASONS: dict[str, Reason] = {
     # not found
     "model_not_found": Reason(grpc.StatusCode.NOT_FOUND, Exit.NOT_FOUND, "model not found"),
     "runner_not_found": Reason(grpc.StatusCode.NOT_FOUND, Exit.NOT_FOUND, "runner not found"),
+    "node_not_found": Reason(grpc.StatusCode.NOT_FOUND, Exit.NOT_FOUND, "no such cluster member"),
     # temporary failures
     "load_timeout": Reason(grpc.StatusCode.DEADLINE_EXCEEDED, Exit.TEMPFAIL, "load timed out"),
     "load_stall": Reason(grpc.StatusCode.DEADLINE_EXCEEDED, Exit.TEMPFAIL, "load stalled"),

@@ -72,6 +72,9 @@ class Daemon:
         env.update({"EXOD_HOME": str(self.home), "EXOD_SOCKET": str(self.socket)})
         # No test binds the HTTP API's default port: the tests of the API pick a free one.
         env["EXOD_HTTP_PORT"] = "0"
+        # A member announces itself by mDNS: never on the host's network from a test (the
+        # namespace tests pin it to their own links).
+        env["EXOD_MDNS_INTERFACES"] = "127.0.0.1"
         env.update(self.env)
         return env
 

@@ -9,6 +9,7 @@ Macs on a desk must be able to see why the fourth one is not listed.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -98,3 +99,37 @@ def _older(theirs: str, ours: str) -> str:
         return "that node" if int(major(theirs)) < int(major(ours)) else "this node"
     except ValueError:  # not numbers (not from a release of exod): say which is which
         return "the older of the two"
+
+
+class Act(StrEnum):
+    IGNORE = "ignore"  # this very process
+    REMEMBER = "remember"  # this cluster, not a member (yet): keep its address, do not follow it
+    FOLLOW = "follow"  # a member: follow it (also) at the addresses mDNS saw
+    REFUSE = "refuse"  # listed as refused in `status`, never as a member
+
+
+# The `reason` that `exoctl status` shows for each refusal (the contract in docs/cli.md).
+REASONS = {
+    Verdict.OTHER_CLUSTER: "other_cluster",
+    Verdict.OTHER_PROTO: "protocol",
+    Verdict.DUPLICATE_ID: "duplicate_id",
+}
+
+
+@dataclass(frozen=True)
+class Decision:
+    act: Act
+    reason: str = ""  # with REFUSE: why, as `status` shows it
+
+
+def decide(candidate: Candidate, me: Me, members: Collection[str]) -> Decision:
+    """What to do with `candidate` given the ids of this cluster's members that the log knows.
+    Announcing this cluster's id makes a node no member: only a NodeJoined (or a member's
+    account of one) does, so a node that mDNS saw is followed only once the log lists it; its
+    address is remembered meanwhile, for when it does."""
+    verdict = classify(candidate, me)
+    if verdict is Verdict.SELF:
+        return Decision(Act.IGNORE)
+    if verdict is Verdict.MEMBER:
+        return Decision(Act.FOLLOW if candidate.node_id in members else Act.REMEMBER)
+    return Decision(Act.REFUSE, REASONS[verdict])

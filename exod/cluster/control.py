@@ -1,8 +1,10 @@
-"""This node's cluster membership: `exoctl cluster init / invite / join`, and the peer server.
+"""This node's cluster membership: `exoctl cluster init / invite / join / remove / leave`, the
+peer server, and the renewal of this node's certificate.
 
 The TLS store (`$EXOD_HOME/tls`) says whether the node belongs to a cluster; the event log
 records what the CA's holder must not forget across a restart: the invites it issued (by the
-secret's digest only) and which of them were used (NodeJoined). Events rather than a table of
+secret's digest only), which of them were used (NodeJoined), and whom it removed (NodeRemoved,
+CA-signed: see revocation.py). Events rather than a table of
 their own: they are durable with the log's own fsync, replayed and snapshotted like everything
 else, need no migration, and `exoctl events` shows them.
 """
@@ -10,15 +12,27 @@ else, need no migration, and `exoctl events` shows them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import grpc
 import psutil
 
-from exod.cluster import addresses, invite, join_client, joining, peer_server, pki, tls_store
+from exod.cluster import (
+    addresses,
+    ca_client,
+    invite,
+    join_client,
+    joining,
+    peer_server,
+    pki,
+    revocation,
+    tls_store,
+)
 from exod.cluster.peer_server import PeerService
 from exod.cluster.protocol import PROTOCOL_VERSION
 from exod.cluster.replication import Replication
@@ -33,6 +47,11 @@ DEFAULT_TTL_S = 15 * 60
 MAX_TTL_S = 7 * 86400
 # The CA outlives the certificates it signs: they renew under it.
 CA_LIFETIMES = 10
+# How often a member looks whether its certificate is due for renewal (two thirds of its
+# lifetime): often enough that a node off for weeks renews soon after it comes back.
+RENEW_CHECK_S = 3600
+# How long leaving waits for the followers to end (each ends within a backoff step, at most 5 s).
+STOP_WAIT_S = 6.0
 
 
 class CannotListen(Exception):
@@ -63,6 +82,7 @@ class Cluster:
         self._lock = asyncio.Lock()
         self._server: grpc.aio.Server | None = None
         self._material = material
+        self._renewer: asyncio.Task[None] | None = None
         self.replication = Replication(node_id, journal, settings.peer_timeout)
 
     def addresses(self) -> list[str]:
@@ -86,12 +106,41 @@ class Cluster:
         if self._material is not None:
             self._server = await self._listen(self._material)
             self.replication.start(self._material)
+            self._start_renewals()
 
     async def stop(self) -> None:
+        await self._stop_renewals()
         await self.replication.stop()
         if self._server is not None:
             await self._server.stop(grace=1.0)
             self._server = None
+
+    def is_removed(self, node_id: str) -> bool:
+        """Whether a verified NodeRemoved took that node out: the peer server refuses it."""
+        return node_id in self._journal.state.removed
+
+    def warnings(self, now: float) -> list[control_pb2.Warning]:
+        """`cert_expiring` when this node's certificate ends within 30 days (renewal failing)."""
+        material = self._material
+        if material is None or not pki.expires_soon(material.node_cert, now):
+            return []
+        ends = time.strftime(
+            "%Y-%m-%d %H:%M:%S", time.localtime(pki.cert_info(material.node_cert).not_after)
+        )
+        if material.ca_key is not None:
+            fix = "this node renews it itself every hour: see exod's log for why it did not"
+        else:
+            ca = self._journal.state.ca_node or "the CA's node"
+            fix = (
+                f"it renews from {ca} (checked every hour): start exod there and let this node "
+                "reach it; once it has expired, join again with a new invite"
+            )
+        return [
+            control_pb2.Warning(
+                code="cert_expiring",
+                message=f"this node's cluster certificate expires at {ends}: {fix}",
+            )
+        ]
 
     async def _listen(self, material: tls_store.Material) -> grpc.aio.Server:
         s = self._settings
@@ -103,6 +152,9 @@ class Cluster:
             members=self._members,
             # Three beats within the timeout: one lost or late does not make a member unreachable.
             heartbeat_s=s.peer_timeout / 3,
+            ca_cert=material.ca_cert,
+            leave=self._leaving if material.ca_key is not None else None,
+            renew=self._renewing if material.ca_key is not None else None,
         )
         join_port = s.join_port if material.ca_key is not None else None
         ports = [("peer", s.peer_port, "EXOD_PEER_PORT")]
@@ -126,6 +178,7 @@ class Cluster:
                 node_key=material.node_key,
                 node_cert=material.node_cert,
                 service=service,
+                is_removed=self.is_removed,
             )
         except RuntimeError as e:  # gRPC's bind failure
             raise CannotListen(
@@ -156,6 +209,7 @@ class Cluster:
         if learned is not None and learned.members:
             self._journal.append(events_pb2.Event(members_learned=learned))
         self.replication.start(material)
+        self._start_renewals()
 
     def _refuse_member(self, doing: str) -> None:
         info = self.info()
@@ -184,7 +238,11 @@ class Cluster:
             )
             fingerprint = pki.fingerprint(ca_cert)
             entered = events_pb2.ClusterEntered(
-                cluster_id=cluster_id, ca_fingerprint=fingerprint, how="init", ca_node_id=self._id
+                cluster_id=cluster_id,
+                ca_fingerprint=fingerprint,
+                how="init",
+                ca_node_id=self._id,
+                ca_cert=ca_cert,
             )
             await self._become(material, entered)
             log.info("made cluster %s", cluster_id)
@@ -273,6 +331,7 @@ class Cluster:
                 ca_fingerprint=inv.ca_fingerprint,
                 how="join",
                 ca_node_id=inviter.node_id,
+                ca_cert=reply.ca_cert,
             )
             # The members the CA's node knows, kept so that a restart finds them without mDNS.
             learned = events_pb2.MembersLearned(
@@ -300,6 +359,13 @@ class Cluster:
                 raise ExoError("invite_refused", "this node holds no CA key: ask for a new invite")
             now = time.time()
             used = joining.admit(self._journal.state.invites, request.secret, now)
+            if request.node_id in self._journal.state.removed:
+                raise ExoError(
+                    "permission_denied",
+                    f"node {request.node_id} was removed from this cluster, and a removal is for "
+                    "good: on that node stop exod, move its EXOD_HOME aside (a new id is made at "
+                    "start) and join with a new invite",
+                )
             if request.node_id == self._id:
                 raise ExoError(
                     "invalid_argument",
@@ -347,3 +413,209 @@ class Cluster:
             for m in self._journal.state.members.values()
         ]
         return [me, *others]
+
+    # --- remove, leave ----------------------------------------------------------------------------
+
+    def _member_material(self, doing: str) -> tls_store.Material:
+        if self._material is None:
+            raise ExoError(
+                "invalid_argument",
+                f"this node is in no cluster, so it cannot {doing}: `exoctl status` shows "
+                "`cluster` null",
+            )
+        return self._material
+
+    async def remove(self, node_id: str) -> control_pb2.ClusterRemoveReply:
+        async with self._lock:
+            material = self._member_material("remove a node")
+            if material.ca_key is None:
+                holder = self._journal.state.ca_node or "the node that ran `exoctl cluster init`"
+                raise ExoError(
+                    "peer_unreachable",
+                    f"a node is removed on {holder}, which holds the cluster's CA key: run "
+                    f"`exoctl cluster remove {node_id}` there",
+                )
+            if node_id == self._id:
+                raise ExoError(
+                    "invalid_argument",
+                    f"{node_id} is this node, which holds the cluster's CA key: the CA's node "
+                    "cannot remove itself; move ca.key to another member first (docs/cluster.md, "
+                    "moving the CA key) and remove this node from there",
+                )
+            member = self._journal.state.members.get(node_id)
+            if member is None:
+                info = self.info()
+                assert info is not None  # material is set
+                raise ExoError(
+                    "node_not_found",
+                    f"{node_id[:70]!r} is not a member of cluster {info.id}: `exoctl status` "
+                    "lists the members (NODES)",
+                )
+            self._write_removal(material, member.id, member.cert_fingerprint, "remove")
+            return control_pb2.ClusterRemoveReply(cluster=self.info(), node_id=node_id)
+
+    def _write_removal(
+        self, material: tls_store.Material, node_id: str, fingerprint: str, how: str
+    ) -> None:
+        """The CA-signed entry, once: removing a node removed already changes nothing."""
+        if node_id in self._journal.state.removed or material.ca_key is None:
+            return
+        entry = revocation.sign(material.ca_key, node_id, fingerprint, int(time.time()), how)
+        self._journal.append(events_pb2.Event(node_removed=entry))
+        log.info("node %s is out of the cluster (%s)", node_id, how)
+
+    async def _leaving(self, caller: str) -> None:
+        """Leave, called by the peer server on the CA's node for a member that asks to go."""
+        async with self._lock:
+            material = self._material
+            if material is None or material.ca_key is None:
+                raise ExoError(
+                    "peer_unreachable",
+                    "this node no longer holds the CA key: ask the one that does",
+                )
+            member = self._journal.state.members.get(caller)
+            fingerprint = member.cert_fingerprint if member is not None else ""
+            self._write_removal(material, caller, fingerprint, "leave")
+
+    async def leave(self) -> control_pb2.ClusterReply:
+        async with self._lock:
+            material = self._member_material("leave one")
+            if material.ca_key is not None:
+                raise ExoError(
+                    "invalid_argument",
+                    "the CA's node cannot leave its own cluster: remove the other members with "
+                    "`exoctl cluster remove NODE`, or move ca.key to another member first "
+                    "(docs/cluster.md, moving the CA key) and leave then",
+                )
+            state = self._journal.state
+            request = peer_pb2.LeaveRequest(protocol_version=PROTOCOL_VERSION)
+            await ca_client.call(
+                material,
+                ca_node=state.members.get(state.ca_node),
+                ca_node_id=state.ca_node,
+                timeout=self._settings.peer_timeout,
+                doing="leave the cluster",
+                what=lambda stub, timeout: stub.Leave(request, timeout=timeout),
+            )
+            left = self._reply()
+            await self._forget()
+            log.info("left cluster %s", left.cluster.id)
+            return left
+
+    async def _forget(self) -> None:
+        """Out of the cluster: files first (node.crt first: a crash leaves no half member), then
+        the log (the members forgotten), then the peer port and the following; runners are
+        untouched."""
+        info = self.info()
+        try:
+            await asyncio.to_thread(tls_store.clear, self._dir, including_ca_key=True)
+        except tls_store.TlsStoreError as e:
+            raise ExoError("permission_denied", str(e)) from None
+        self._material = None
+        left = events_pb2.ClusterLeft(cluster_id=info.id if info is not None else "")
+        # Logged before the followers are stopped: with no members left, a follower that
+        # missed its cancellation (asyncio.wait_for on 3.11 can swallow one) ends by itself.
+        self._journal.append(events_pb2.Event(cluster_left=left))
+        await self._stop_renewals()
+        stopping = asyncio.ensure_future(self.replication.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=STOP_WAIT_S)
+        if not done:
+            log.warning("the followers did not stop within %gs; leaving without them", STOP_WAIT_S)
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+            self._server = None
+
+    # --- renewal ----------------------------------------------------------------------------------
+
+    def _start_renewals(self) -> None:
+        if self._renewer is None:
+            self._renewer = asyncio.create_task(self._renewals())
+
+    async def _stop_renewals(self) -> None:
+        task, self._renewer = self._renewer, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+
+    async def _renewals(self) -> None:
+        while True:
+            try:
+                await self.renew_if_due(time.time())
+            except (ExoError, CannotListen) as e:
+                log.warning("could not renew this node's certificate (retried in an hour): %s", e)
+            except Exception:
+                log.exception("renewing this node's certificate failed; retried in an hour")
+            await asyncio.sleep(RENEW_CHECK_S)
+
+    async def renew_if_due(self, now: float) -> bool:
+        """Renew this node's certificate once two thirds of its lifetime passed: signed here on
+        the CA's node, else by the CA's node over mTLS (the current certificate vouches for the
+        request). Same key, same id; the peer port then listens with the new one."""
+        async with self._lock:
+            material = self._material
+            if material is None or not pki.needs_renewal(material.node_cert, now):
+                return False
+            csr = pki.csr_for(material.node_key, self._id)
+            if material.ca_key is not None:
+                cert = self._sign(material, self._id, csr, now)
+            else:
+                state = self._journal.state
+                request = peer_pb2.RenewRequest(protocol_version=PROTOCOL_VERSION, csr=csr)
+                reply = await ca_client.call(
+                    material,
+                    ca_node=state.members.get(state.ca_node),
+                    ca_node_id=state.ca_node,
+                    timeout=self._settings.peer_timeout,
+                    doing="renew its certificate",
+                    what=lambda stub, timeout: stub.Renew(request, timeout=timeout),
+                )
+                cert = reply.node_cert
+                if pki.verify_node_cert(
+                    material.ca_cert, cert, time.time()
+                ) != self._id or not pki.key_matches(material.node_key, cert):
+                    raise ExoError(
+                        "permission_denied", "the CA's node sent a certificate for another node"
+                    )
+            renewed = dataclasses.replace(material, node_cert=cert)
+            try:
+                await asyncio.to_thread(tls_store.save, self._dir, renewed)
+            except tls_store.TlsStoreError as e:
+                raise ExoError(
+                    "disk_full" if e.disk_full else "permission_denied", str(e)
+                ) from None
+            # gRPC's server keeps the certificate it started with: listen again with the new one.
+            if self._server is not None:
+                await self._server.stop(grace=1.0)
+                self._server = None
+            self._server = await self._listen(renewed)
+            self._material = renewed
+            self.replication.start(renewed)
+            ends = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(pki.cert_info(cert).not_after))
+            log.info("renewed this node's certificate: valid until %s", ends)
+            return True
+
+    async def _renewing(self, caller: str, csr: bytes) -> bytes:
+        """Renew, called by the peer server on the CA's node: a new certificate for the caller's
+        own id (the CSR must name it), lasting EXOD_CERT_LIFETIME from now."""
+        async with self._lock:
+            material = self._material
+            if material is None or material.ca_key is None:
+                raise ExoError(
+                    "peer_unreachable",
+                    "this node no longer holds the CA key: ask the one that does",
+                )
+            cert = self._sign(material, caller, csr, time.time())
+            log.info("renewed the certificate of %s", caller)
+            return cert
+
+    def _sign(self, material: tls_store.Material, node_id: str, csr: bytes, now: float) -> bytes:
+        assert material.ca_key is not None  # the callers checked
+        return pki.sign_node(
+            material.ca_key,
+            material.ca_cert,
+            csr,
+            node_id,
+            lifetime_s=self._settings.cert_lifetime,
+            now=now,
+        )

@@ -148,7 +148,8 @@ def announced_addresses(interfaces: Sequence[str] | None, machine: Iterable[str]
         if address not in mine:
             raise DiscoveryError(
                 f"mDNS: {address} is not an address of this machine (it has "
-                f"{', '.join(mine) or 'none'}): name addresses of its own interfaces"
+                f"{', '.join(mine) or 'none'}): set EXOD_MDNS_INTERFACES to addresses of its own "
+                "interfaces, or leave it empty for all"
             )
     return list(dict.fromkeys(interfaces))
 
@@ -168,11 +169,15 @@ class Discovery:
         interfaces: list[str] | None,
         on_seen: Report,
         on_gone: Report,
+        reach: Sequence[str] | None = None,
     ) -> None:
+        """`reach`: the addresses the peer port listens on, announced in place of the
+        interfaces' own when it is bound to one address (EXOD_PEER_BIND) rather than all."""
         self._txt = txt_records(me, port)  # raises on an id we could not announce: a bug
         self._me = me
         self._port = port
         self._interfaces = interfaces
+        self._reach = list(reach) if reach else None
         self._on_seen = on_seen
         self._on_gone = on_gone
         self._zc: AsyncZeroconf | None = None
@@ -186,6 +191,8 @@ class Discovery:
     async def start(self) -> None:
         """Start answering, browsing and announcing; DiscoveryError when it cannot."""
         addresses = announced_addresses(self._interfaces, machine_addresses())
+        # An address the peer port is not bound to would send members where nobody answers.
+        addresses = self._reach or addresses
         try:
             if self._interfaces is None:
                 self._zc = AsyncZeroconf(

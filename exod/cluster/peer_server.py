@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 SERVICE = peer_pb2.DESCRIPTOR.services_by_name["Peer"].full_name
 JOIN = f"/{SERVICE}/Join"
+# Served even to a removed node: leaving again changes nothing, and it must be able to clean up.
+LEAVE = f"/{SERVICE}/Leave"
 # Keepalive: a peer that went away (a Mac asleep, a cable pulled) is noticed without traffic.
 KEEPALIVE = [
     ("grpc.keepalive_time_ms", 10_000),
@@ -45,6 +47,10 @@ KEEPALIVE = [
 
 JoinHandler = Callable[[peer_pb2.JoinRequest], Awaitable[peer_pb2.JoinReply]]
 MembersOf = Callable[[], list[peer_pb2.Member]]
+# The caller's node id (from its certificate), and for Renew its CSR.
+LeaveHandler = Callable[[str], Awaitable[None]]
+RenewHandler = Callable[[str, bytes], Awaitable[bytes]]
+IsRemoved = Callable[[str], bool]
 Ctx = grpc.aio.ServicerContext[object, object]
 # Records read from the log, and sent in one message, per batch while a follower catches up
 # (events are small: a few hundred bytes at most, so a batch stays far below gRPC's 4 MiB).
@@ -70,8 +76,16 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         journal: Journal,
         members: MembersOf,
         heartbeat_s: float,
+        ca_cert: bytes = b"",
+        leave: LeaveHandler | None = None,
+        renew: RenewHandler | None = None,
     ) -> None:
+        """`leave` and `renew`: only on the node holding the CA key (elsewhere those calls are
+        refused); `ca_cert` tells their caller's id from its certificate."""
         self._id = node_id
+        self._ca_cert = ca_cert
+        self._leave = leave
+        self._renew = renew
         self._name = name
         self._join = join
         self._journal = journal
@@ -91,6 +105,44 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         except ExoError as e:
             await _abort(cast("Ctx", context), e)
             raise AssertionError("unreachable: abort raises") from e
+
+    async def Leave(  # gRPC method names are CamelCase
+        self,
+        request: peer_pb2.LeaveRequest,
+        context: grpc.aio.ServicerContext[peer_pb2.LeaveRequest, peer_pb2.LeaveReply],
+    ) -> peer_pb2.LeaveReply:
+        try:
+            check_version(request.protocol_version, "the leaving node")
+            caller = caller_id(cast("Ctx", context), self._ca_cert, time.time())
+            if self._leave is None:
+                raise self._not_ca("leave")
+            await self._leave(caller)
+        except ExoError as e:
+            await _abort(cast("Ctx", context), e)
+        return peer_pb2.LeaveReply(protocol_version=PROTOCOL_VERSION)
+
+    async def Renew(  # gRPC method names are CamelCase
+        self,
+        request: peer_pb2.RenewRequest,
+        context: grpc.aio.ServicerContext[peer_pb2.RenewRequest, peer_pb2.RenewReply],
+    ) -> peer_pb2.RenewReply:
+        try:
+            check_version(request.protocol_version, "the renewing node")
+            caller = caller_id(cast("Ctx", context), self._ca_cert, time.time())
+            if self._renew is None:
+                raise self._not_ca("renew a certificate")
+            cert = await self._renew(caller, request.csr)
+        except ExoError as e:
+            await _abort(cast("Ctx", context), e)
+            raise AssertionError("unreachable: abort raises") from e
+        return peer_pb2.RenewReply(protocol_version=PROTOCOL_VERSION, node_cert=cert)
+
+    def _not_ca(self, doing: str) -> ExoError:
+        return ExoError(
+            "peer_unreachable",
+            f"{self._id} does not hold the cluster's CA key, so it cannot {doing}: ask the node "
+            "that does (the one that ran `exoctl cluster init`)",
+        )
 
     async def Hello(  # gRPC method names are CamelCase
         self,
@@ -196,10 +248,13 @@ else:  # generic in grpc-stubs only
 
 
 class CertificateCheck(_Interceptor):
-    """Every method but Join runs only for a caller whose certificate this cluster's CA issued."""
+    """Every method but Join runs only for a caller whose certificate this cluster's CA issued
+    and whose node no verified NodeRemoved took out of the cluster (but Leave, which a removed
+    node may call again)."""
 
-    def __init__(self, ca_cert: bytes) -> None:
+    def __init__(self, ca_cert: bytes, is_removed: IsRemoved = lambda _: False) -> None:
         self._ca_cert = ca_cert
+        self._is_removed = is_removed
 
     async def intercept_service(
         self,
@@ -211,11 +266,19 @@ class CertificateCheck(_Interceptor):
         handler = await continuation(handler_call_details)
         if handler_call_details.method == JOIN or handler is None:
             return handler
-        ca_cert = self._ca_cert
+        ca_cert, is_removed = self._ca_cert, self._is_removed
+        leaving = handler_call_details.method == LEAVE
 
         async def check(context: Ctx) -> None:
             try:
-                caller_id(context, ca_cert, time.time())
+                caller = caller_id(context, ca_cert, time.time())
+                if not leaving and is_removed(caller):
+                    raise ExoError(
+                        "permission_denied",
+                        f"node {caller} was removed from this cluster (exoctl cluster remove or "
+                        "leave), so every member refuses its calls: to bring that machine back, "
+                        "move its EXOD_HOME aside and join again as a new node",
+                    )
             except ExoError as e:
                 e.reason = "permission_denied"
                 await _abort(context, e)
@@ -274,13 +337,16 @@ async def start(
     node_key: bytes,
     node_cert: bytes,
     service: PeerService,
+    is_removed: IsRemoved = lambda _: False,
 ) -> grpc.aio.Server:
     """The peer server, listening; the join port too when `join_port` is given. RuntimeError
     (gRPC's) when a port cannot be bound."""
     # The chain carries the CA certificate too: a joiner reads it from the handshake and checks
     # it against the fingerprint in its invite before it sends the secret.
     chain = node_cert + ca_cert
-    server = grpc.aio.server(interceptors=[CertificateCheck(ca_cert)], options=KEEPALIVE)
+    server = grpc.aio.server(
+        interceptors=[CertificateCheck(ca_cert, is_removed)], options=KEEPALIVE
+    )
     peer_pb2_grpc.add_PeerServicer_to_server(service, server)
     mutual = grpc.ssl_server_credentials(
         [(node_key, chain)], root_certificates=ca_cert, require_client_auth=True

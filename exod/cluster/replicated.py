@@ -5,12 +5,14 @@ that grows with traffic or holds local secrets or paths.
 
     replicated   NodeStarted, NodeStopped (a member's restarts), RunnerSpawned, RunnerReady,
                  RunnerFailed, RunnerStopped (its runners: `exoctl status` counts them per node),
-                 ClusterEntered, NodeJoined (membership: a node that joined through the CA's
-                 node becomes known to every member)
+                 ClusterEntered, NodeJoined, NodeRemoved (membership: a node that joined
+                 through the CA's node becomes known to every member, and one it removed is
+                 refused by every member, even while the CA's node is off)
     local only   RunAccepted, RunFinished (one per request: the cluster's logs would grow with
                  everyone's traffic), ModelAdded, ModelRemoved (file paths of this machine; a
                  peer's must never enter this node's registry), InviteIssued (the digests of
-                 unused secrets stay on the CA's node), MembersLearned (what this node was told)
+                 unused secrets stay on the CA's node), MembersLearned (what this node was told),
+                 ClusterLeft (this node's own leaving: no member follows it any more)
 
 A kind this exod does not know (a newer member wrote it) is not sent: the sender cannot tell
 whether it is local.
@@ -34,6 +36,7 @@ REPLICATED_KINDS: frozenset[str] = frozenset(
         "RunnerStopped",
         "ClusterEntered",
         "NodeJoined",
+        "NodeRemoved",
     }
 )
 

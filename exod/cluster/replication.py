@@ -10,6 +10,11 @@ Liveness is derived here and never logged: a member is alive while a message (a 
 event or a heartbeat) arrived within EXOD_PEER_TIMEOUT. A Follow stream that stays silent that
 long is hung up on, so a cut link or a stopped machine is noticed within the timeout whatever
 TCP does.
+
+mDNS (exod.cluster.finder) adds what the LAN says now: a member is also tried at the addresses
+it announces (a DHCP lease changed, or the log has none for it), and a node refused by
+candidates.decide is listed as `refused` until it says goodbye. Neither is logged: a candidate
+is a claim by anyone on the LAN until the follower's mTLS proves it.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Iterable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from exod.cluster import tls_store
+from exod.cluster.candidates import Act, Candidate, Me, decide
 from exod.cluster.peer_server import KEEPALIVE, endpoint
 from exod.cluster.protocol import PROTOCOL_VERSION, check_version
 from exod.cluster.replicated import Gap, backoff, check_next, liveness
@@ -47,6 +54,39 @@ class Link:
     memory_total: int = 0
     refused: str = ""  # why its stream is no longer followed (duplicate_id); "" while followed
     task: asyncio.Task[None] | None = None
+    # Set when mDNS reports a new address: a follower waiting to retry tries it at once.
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A node mDNS reported that this node will not take as a member (in memory only)."""
+
+    candidate: Candidate
+    reason: str  # as `status` shows it: other_cluster, protocol, duplicate_id
+    seen: float  # unix seconds
+
+
+def targets(
+    heard: Iterable[Candidate], addresses: Iterable[str], port: int
+) -> list[tuple[str, int]]:
+    """Where to reach a member, in the order to try: what mDNS heard it announce (the LAN as it
+    is now) before the addresses its log records, each once; addresses that are not IP
+    addresses (nothing exod wrote) are left out."""
+    found: dict[tuple[str, int], None] = {}
+    pairs = [(a, c.port) for c in heard for a in c.addresses]
+    for address, at in [*pairs, *((a, port) for a in addresses)]:
+        try:
+            endpoint(address, at)
+        except ValueError:
+            continue
+        if at > 0:
+            found.setdefault((address, at), None)
+    return list(found)
+
+
+# How long stopping waits for the followers to end after cancelling them.
+STOP_WAIT_S = 5.0
 
 
 class Replication:
@@ -57,6 +97,8 @@ class Replication:
         self._links: dict[str, Link] = {}
         self._material: tls_store.Material | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._heard: dict[str, Candidate] = {}  # this cluster's nodes mDNS saw, by service name
+        self._refusals: dict[str, Refusal] = {}  # by service name
         # Set when a member holds more of this node's own stream than this log does: its home
         # was copied or restored from a backup. Shown as a warning by `exoctl status`.
         self.forked: str = ""
@@ -68,13 +110,18 @@ class Replication:
             self._watch = asyncio.create_task(self._watch_members())
 
     async def stop(self) -> None:
+        """Stop following (exod stops, or this node left its cluster) and forget what mDNS
+        reported; bounded, so that a follower stuck in a gRPC call cannot hold up exod's stop."""
         tasks = [t for t in (self._watch, *(link.task for link in self._links.values())) if t]
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with suppress(asyncio.CancelledError):
-                await task
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=STOP_WAIT_S)
+            if stuck:
+                log.warning("%d follower(s) did not stop within %ss", len(stuck), STOP_WAIT_S)
         self._watch = None
+        self._heard.clear()
+        self._refusals.clear()
 
     def nodes(self, now: float) -> list[control_pb2.NodeInfo]:
         """Every member this node knows, as `exoctl status` shows them, sorted by id."""
@@ -89,7 +136,11 @@ class Replication:
                 id=member.id,
                 name=link.name or member.name,
                 addresses=member.addresses,
-                state="refused" if link.refused else liveness(link.last_seen, now, self._timeout),
+                state="removed"
+                if member.removed
+                else "refused"
+                if link.refused
+                else liveness(link.last_seen, now, self._timeout),
                 reason=link.refused,
                 memory_free_bytes=link.memory_free,
                 memory_total_bytes=link.memory_total,
@@ -98,7 +149,44 @@ class Replication:
             if link.last_seen is not None:
                 info.last_seen.FromNanoseconds(int(link.last_seen * 1e9))
             found.append(info)
+        for refusal in sorted(self._refusals.values(), key=lambda r: r.candidate.node_id):
+            c = refusal.candidate
+            info = control_pb2.NodeInfo(
+                id=c.node_id, addresses=c.addresses, state="refused", reason=refusal.reason
+            )
+            info.last_seen.FromNanoseconds(int(refusal.seen * 1e9))
+            found.append(info)
         return found
+
+    # --- what mDNS reports --------------------------------------------------------------------
+
+    def seen(self, candidate: Candidate, me: Me) -> Act:
+        """mDNS resolved `candidate` (again, or with new records): remember, follow or refuse
+        it as candidates.decide says; what was done."""
+        self.gone(candidate)
+        decision = decide(candidate, me, self._journal.state.members)
+        if decision.act is Act.REFUSE:
+            self._refusals[candidate.name] = Refusal(candidate, decision.reason, time.time())
+        elif decision.act is not Act.IGNORE:
+            self._heard[candidate.name] = candidate
+        if decision.act is Act.FOLLOW:
+            self._kick(candidate.node_id)
+        return decision.act
+
+    def gone(self, candidate: Candidate) -> None:
+        """mDNS says `candidate` left: forget what it announced."""
+        self._heard.pop(candidate.name, None)
+        self._refusals.pop(candidate.name, None)
+
+    def _kick(self, member_id: str) -> None:
+        """Try `member_id` now: start its follower if none runs, else end its wait."""
+        link = self._links.get(member_id)
+        if link is None or link.refused or self._material is None:
+            return  # the watch starts it (with what was heard) once started and it is known
+        if link.task is None or link.task.done():
+            link.task = asyncio.create_task(self._follow(link))
+        else:
+            link.wake.set()
 
     # --- members ----------------------------------------------------------------------------------
 
@@ -109,6 +197,10 @@ class Replication:
                 if member.id == self._id:
                     continue
                 link = self._links.setdefault(member.id, Link(member.id, name=member.name))
+                if member.removed:  # its calls are refused anyway: stop asking it
+                    if link.task is not None:
+                        link.task.cancel()
+                    continue
                 # A follower ends only when it had no address to try, or was refused; a
                 # member's new addresses (learned since) are worth another try.
                 if not link.refused and (link.task is None or link.task.done()):
@@ -136,10 +228,15 @@ class Replication:
         while True:
             member = self._journal.state.members.get(link.member_id)
             material = self._material
-            if member is None or material is None or not member.addresses:
+            if member is None or material is None or member.removed:
+                return
+            heard = [c for c in self._heard.values() if c.node_id == member.id]
+            where = targets(heard, member.addresses, member.port)
+            if not where:
                 return  # nowhere to reach it (yet): mDNS or a Hello may tell later
-            address = member.addresses[attempt % len(member.addresses)]
-            target = endpoint(address, member.port)
+            address, port = where[attempt % len(where)]
+            target = endpoint(address, port)
+            link.wake.clear()
             try:
                 credentials = grpc.ssl_channel_credentials(
                     material.ca_cert, material.node_key, material.node_cert
@@ -160,7 +257,9 @@ class Replication:
             except Exception:
                 # Whatever a peer sends must not end the following of it for good, nor exod.
                 log.exception("following %s (%s) failed; retrying", link.member_id, target)
-            await asyncio.sleep(backoff(attempt))
+            # The backoff, cut short when mDNS reports where the member is now.
+            with suppress(TimeoutError):
+                await asyncio.wait_for(link.wake.wait(), backoff(attempt))
             attempt += 1
 
     async def _hello(self, stub: peer_pb2_grpc.PeerAsyncStub, link: Link) -> None:

@@ -147,6 +147,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         forked = self._node.cluster.replication.forked
         if forked:
             warnings.append(control_pb2.Warning(code="copied_home", message=forked))
+        warnings.extend(self._node.cluster.warnings(time.time()))
         return warnings
 
     async def _runner_info(self, view: RunnerView) -> control_pb2.RunnerInfo:
@@ -274,6 +275,34 @@ class ControlService(control_pb2_grpc.ControlServicer):
     ) -> control_pb2.ClusterReply:
         try:
             return await self._node.cluster.join(request.token)
+        except ExoError as e:
+            await abort(context, e)
+        except StoreError as e:
+            await abort(context, store_failure(e))
+
+    async def ClusterRemove(  # gRPC method names are CamelCase
+        self,
+        request: control_pb2.ClusterRemoveRequest,
+        context: grpc.aio.ServicerContext[
+            control_pb2.ClusterRemoveRequest, control_pb2.ClusterRemoveReply
+        ],
+    ) -> control_pb2.ClusterRemoveReply:
+        try:
+            return await self._node.cluster.remove(request.node_id)
+        except ExoError as e:
+            await abort(context, e)
+        except StoreError as e:
+            await abort(context, store_failure(e))
+
+    async def ClusterLeave(  # gRPC method names are CamelCase
+        self,
+        request: control_pb2.ClusterLeaveRequest,
+        context: grpc.aio.ServicerContext[
+            control_pb2.ClusterLeaveRequest, control_pb2.ClusterReply
+        ],
+    ) -> control_pb2.ClusterReply:
+        try:
+            return await self._node.cluster.leave()
         except ExoError as e:
             await abort(context, e)
         except StoreError as e:

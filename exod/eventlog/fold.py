@@ -1,4 +1,5 @@
-"""The daemon's state as a pure fold over its event log: no I/O, no clock, no randomness.
+"""The daemon's state as a pure fold over its event log: no I/O, no clock, no randomness (but
+for a log line when a removal that the cluster's CA did not sign is ignored).
 
 `apply` takes a state and one record and returns the next state, matched on the record's kind.
 Kinds it does not know are skipped (a newer exod may have written them), and facts about runners
@@ -13,17 +14,19 @@ RunnerSpawned therefore never reaches this node's registry or runner table.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar
 
+from exod.cluster import revocation
 from exod.eventlog.records import Record, kind_of
 from exod.proto.exo.v1 import events_pb2
 
 # Bump whenever the meaning of the fold or the shape of `encode` changes: snapshots carry it,
 # and a snapshot of another version is ignored and rebuilt from the log.
-FOLD_VERSION: int = 4
+FOLD_VERSION: int = 5
 # Ended runners kept for `exoctl status` to show why they ended; older ones are forgotten so the
 # state, and so every snapshot, stays the same size however long the daemon runs.
 MAX_ENDED_RUNNERS = 32
@@ -36,6 +39,8 @@ _RUNNER_STATES: Mapping[str, RunnerState] = {
     "failed": "failed",
 }
 _ALIVE: frozenset[str] = frozenset({"spawning", "ready"})
+
+log = logging.getLogger(__name__)
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -101,6 +106,18 @@ class MemberView:
     addresses: tuple[str, ...]
     port: int
     cert_fingerprint: str
+    # Out of the cluster by a CA-signed NodeRemoved: every call of it is refused.
+    removed: bool = False
+
+
+@dataclass(frozen=True)
+class RemovedView:
+    """A node a verified NodeRemoved took out of the cluster (kept even if never a member here)."""
+
+    id: str
+    cert_fingerprint: str
+    ts: float  # when the CA's node signed it
+    how: str  # "remove" or "leave"
 
 
 @dataclass(frozen=True)
@@ -125,6 +142,10 @@ class State:
     ca_node: str = ""  # the node holding the cluster's CA key, as of the last ClusterEntered
     # Other members' streams as this log holds them, by origin (see apply's `own`).
     peers: Mapping[str, PeerView] = field(default_factory=lambda: MappingProxyType({}))
+    # The cluster's CA certificate (PEM), as of the last ClusterEntered: removals are checked
+    # with it before they are obeyed.
+    ca_cert: str = ""
+    removed: Mapping[str, RemovedView] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def _frozen(items: dict[K, V]) -> Mapping[K, V]:
@@ -218,7 +239,21 @@ def _apply(state: State, record: Record, own: str) -> State:  # noqa: PLR0911, P
         case "NodeJoined":
             return _joined(state, e.node_joined, own)
         case "ClusterEntered":
-            return replace(state, ca_node=e.cluster_entered.ca_node_id)
+            c = e.cluster_entered
+            return replace(state, ca_node=c.ca_node_id, ca_cert=c.ca_cert.decode(errors="replace"))
+        case "NodeRemoved":
+            return _removed(state, e.node_removed, record)
+        case "ClusterLeft":
+            # Out of the cluster: whatever it knew of it no longer applies (a later join starts
+            # afresh); what it holds of the members' streams stays in the log, under their ids.
+            return replace(
+                state,
+                ca_node="",
+                ca_cert="",
+                members=EMPTY.members,
+                removed=EMPTY.removed,
+                invites=EMPTY.invites,
+            )
         case "MembersLearned":
             return _learned(state, e.members_learned, own)
         case _:
@@ -242,6 +277,8 @@ def _apply_peer(state: State, record: Record, own: str, *, known: bool) -> State
         case "NodeJoined":
             # The CA's node admitted someone: every member learns of it this way.
             state = _joined(state, e.node_joined, own)
+        case "NodeRemoved":
+            state = _removed(state, e.node_removed, record)
         case _:
             pass
     return replace(state, peers=_with(state.peers, peer.id, peer))
@@ -259,6 +296,7 @@ def _learned(state: State, learned: events_pb2.MembersLearned, own: str) -> Stat
             addresses=tuple(m.addresses),
             port=m.port,
             cert_fingerprint=old.cert_fingerprint if old is not None else "",
+            removed=m.node_id in state.removed,
         )
     return replace(state, members=_frozen(members))
 
@@ -270,6 +308,7 @@ def _joined(state: State, j: events_pb2.NodeJoined, own: str) -> State:
         addresses=tuple(j.addresses),
         port=j.port,
         cert_fingerprint=j.cert_fingerprint,
+        removed=j.node_id in state.removed,  # a removal is for good: a later entry cannot undo it
     )
     invites = state.invites
     invite = invites.get(j.secret_digest)
@@ -278,6 +317,24 @@ def _joined(state: State, j: events_pb2.NodeJoined, own: str) -> State:
     if own and j.node_id == own:
         return replace(state, invites=invites)  # this node, as the CA's node saw it join
     return replace(state, invites=invites, members=_with(state.members, member.id, member))
+
+
+def _removed(state: State, r: events_pb2.NodeRemoved, record: Record) -> State:
+    """Obeyed only when this cluster's CA signed it; else ignored (and logged), whoever wrote it."""
+    if not revocation.verified(state.ca_cert.encode(), r):
+        log.warning(
+            "ignored a removal of %r (event %d of %s): it is not signed by this cluster's CA",
+            r.node_id[:70],
+            record.origin_seq,
+            record.origin,
+        )
+        return state
+    view = RemovedView(id=r.node_id, cert_fingerprint=r.cert_fingerprint, ts=float(r.ts), how=r.how)
+    members = state.members
+    member = members.get(r.node_id)
+    if member is not None:
+        members = _with(members, member.id, replace(member, removed=True))
+    return replace(state, removed=_with(state.removed, view.id, view), members=members)
 
 
 def _ready(state: State, runner_id: str) -> State:
@@ -332,6 +389,8 @@ def encode(state: State) -> bytes:
         "members": [asdict(m) for m in state.members.values()],
         "ca_node": state.ca_node,
         "peers": [asdict(p) for p in state.peers.values()],
+        "ca_cert": state.ca_cert,
+        "removed": [asdict(r) for r in state.removed.values()],
     }
     return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -350,6 +409,8 @@ def decode(data: bytes) -> State:
             members=_frozen({m.id: m for m in map(_member, _list(doc, "members", []))}),
             ca_node=_str({"ca_node": doc.get("ca_node", "")}, "ca_node"),
             peers=_frozen({p.id: p for p in map(_peer, _list(doc, "peers", []))}),
+            ca_cert=_str({"ca_cert": doc.get("ca_cert", "")}, "ca_cert"),
+            removed=_frozen({r.id: r for r in map(_removal, _list(doc, "removed", []))}),
         )
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"not a state of fold version {FOLD_VERSION}: {e!r}") from None
@@ -416,6 +477,16 @@ def _member(d: Any) -> MemberView:
         addresses=tuple(addresses),
         port=_int(d, "port"),
         cert_fingerprint=_str(d, "cert_fingerprint"),
+        removed=d.get("removed", False) is True,
+    )
+
+
+def _removal(d: Any) -> RemovedView:
+    return RemovedView(
+        id=_str(d, "id"),
+        cert_fingerprint=_str(d, "cert_fingerprint"),
+        ts=_float(d, "ts"),
+        how=_str(d, "how"),
     )
 
 

@@ -33,6 +33,7 @@ STATUSES: dict[str, Status] = {
     "protocol_mismatch": Status(500),
     "model_not_found": Status(404),
     "runner_not_found": Status(404),
+    "node_not_found": Status(404),
     # The model cannot run here. Not a 5xx: clients retry those, and retrying cannot help.
     "model_unreadable": Status(422),
     "model_unsupported": Status(422),

@@ -254,7 +254,8 @@ def test_a_pinned_address_that_is_not_the_machines_is_one_line_and_no_mdns(
         assert probe.proc.wait(timeout=30) == 1
         assert probe.stderr() == (
             f"probe: mDNS: {elsewhere} is not an address of this machine (it has 127.0.0.1, "
-            f"{node.addr}): name addresses of its own interfaces\n"
+            f"{node.addr}): set EXOD_MDNS_INTERFACES to addresses of its own interfaces, "
+            "or leave it empty for all\n"
         )
         assert not probe.read(timeout=10.0)  # the end of its output: not even "ready"
         assert probe.events == []

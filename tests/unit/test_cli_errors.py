@@ -332,6 +332,16 @@ class FakeControl(control_pb2_grpc.ControlServicer):
     ) -> control_pb2.ClusterReply:
         raise NotImplementedError
 
+    def ClusterRemove(
+        self, request: control_pb2.ClusterRemoveRequest, context: Any
+    ) -> control_pb2.ClusterRemoveReply:
+        raise NotImplementedError
+
+    def ClusterLeave(
+        self, request: control_pb2.ClusterLeaveRequest, context: Any
+    ) -> control_pb2.ClusterReply:
+        raise NotImplementedError
+
 
 @pytest.fixture
 def fake() -> Iterator[tuple[FakeControl, str]]:

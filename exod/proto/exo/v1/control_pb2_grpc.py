@@ -79,6 +79,16 @@ class ControlStub:
                 request_serializer=exo_dot_v1_dot_control__pb2.ClusterJoinRequest.SerializeToString,
                 response_deserializer=exo_dot_v1_dot_control__pb2.ClusterReply.FromString,
                 _registered_method=True)
+        self.ClusterRemove = channel.unary_unary(
+                '/exo.v1.Control/ClusterRemove',
+                request_serializer=exo_dot_v1_dot_control__pb2.ClusterRemoveRequest.SerializeToString,
+                response_deserializer=exo_dot_v1_dot_control__pb2.ClusterRemoveReply.FromString,
+                _registered_method=True)
+        self.ClusterLeave = channel.unary_unary(
+                '/exo.v1.Control/ClusterLeave',
+                request_serializer=exo_dot_v1_dot_control__pb2.ClusterLeaveRequest.SerializeToString,
+                response_deserializer=exo_dot_v1_dot_control__pb2.ClusterReply.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -144,6 +154,21 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClusterRemove(self, request, context):
+        """Remove a member (only on the CA's node): a CA-signed entry every member enforces.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClusterLeave(self, request, context):
+        """Leave the cluster: the CA's node removes this node, then it forgets its TLS files. The
+        reply names the cluster it left.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +215,16 @@ def add_ControlServicer_to_server(servicer, server):
             'ClusterJoin': grpc.unary_unary_rpc_method_handler(
                     servicer.ClusterJoin,
                     request_deserializer=exo_dot_v1_dot_control__pb2.ClusterJoinRequest.FromString,
+                    response_serializer=exo_dot_v1_dot_control__pb2.ClusterReply.SerializeToString,
+            ),
+            'ClusterRemove': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClusterRemove,
+                    request_deserializer=exo_dot_v1_dot_control__pb2.ClusterRemoveRequest.FromString,
+                    response_serializer=exo_dot_v1_dot_control__pb2.ClusterRemoveReply.SerializeToString,
+            ),
+            'ClusterLeave': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClusterLeave,
+                    request_deserializer=exo_dot_v1_dot_control__pb2.ClusterLeaveRequest.FromString,
                     response_serializer=exo_dot_v1_dot_control__pb2.ClusterReply.SerializeToString,
             ),
     }
@@ -435,6 +470,60 @@ class Control:
             target,
             '/exo.v1.Control/ClusterJoin',
             exo_dot_v1_dot_control__pb2.ClusterJoinRequest.SerializeToString,
+            exo_dot_v1_dot_control__pb2.ClusterReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClusterRemove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exo.v1.Control/ClusterRemove',
+            exo_dot_v1_dot_control__pb2.ClusterRemoveRequest.SerializeToString,
+            exo_dot_v1_dot_control__pb2.ClusterRemoveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClusterLeave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exo.v1.Control/ClusterLeave',
+            exo_dot_v1_dot_control__pb2.ClusterLeaveRequest.SerializeToString,
             exo_dot_v1_dot_control__pb2.ClusterReply.FromString,
             options,
             channel_credentials,

@@ -50,6 +50,12 @@ class ControlStub:
     """A one-time token for another node to join with; only on the node holding the CA key."""
     ClusterJoin: _grpc.UnaryUnaryMultiCallable[_control_pb2.ClusterJoinRequest, _control_pb2.ClusterReply]
     """Join the cluster a token names: connect to the inviter, check its CA, get a certificate."""
+    ClusterRemove: _grpc.UnaryUnaryMultiCallable[_control_pb2.ClusterRemoveRequest, _control_pb2.ClusterRemoveReply]
+    """Remove a member (only on the CA's node): a CA-signed entry every member enforces."""
+    ClusterLeave: _grpc.UnaryUnaryMultiCallable[_control_pb2.ClusterLeaveRequest, _control_pb2.ClusterReply]
+    """Leave the cluster: the CA's node removes this node, then it forgets its TLS files. The
+    reply names the cluster it left.
+    """
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -70,6 +76,12 @@ class ControlAsyncStub(ControlStub):
     """A one-time token for another node to join with; only on the node holding the CA key."""
     ClusterJoin: _aio.UnaryUnaryMultiCallable[_control_pb2.ClusterJoinRequest, _control_pb2.ClusterReply]  # type: ignore[assignment]
     """Join the cluster a token names: connect to the inviter, check its CA, get a certificate."""
+    ClusterRemove: _aio.UnaryUnaryMultiCallable[_control_pb2.ClusterRemoveRequest, _control_pb2.ClusterRemoveReply]  # type: ignore[assignment]
+    """Remove a member (only on the CA's node): a CA-signed entry every member enforces."""
+    ClusterLeave: _aio.UnaryUnaryMultiCallable[_control_pb2.ClusterLeaveRequest, _control_pb2.ClusterReply]  # type: ignore[assignment]
+    """Leave the cluster: the CA's node removes this node, then it forgets its TLS files. The
+    reply names the cluster it left.
+    """
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -141,5 +153,23 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.ClusterReply, _abc.Awaitable[_control_pb2.ClusterReply]]:
         """Join the cluster a token names: connect to the inviter, check its CA, get a certificate."""
+
+    @_abc_1.abstractmethod
+    def ClusterRemove(
+        self,
+        request: _control_pb2.ClusterRemoveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.ClusterRemoveReply, _abc.Awaitable[_control_pb2.ClusterRemoveReply]]:
+        """Remove a member (only on the CA's node): a CA-signed entry every member enforces."""
+
+    @_abc_1.abstractmethod
+    def ClusterLeave(
+        self,
+        request: _control_pb2.ClusterLeaveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.ClusterReply, _abc.Awaitable[_control_pb2.ClusterReply]]:
+        """Leave the cluster: the CA's node removes this node, then it forgets its TLS files. The
+        reply names the cluster it left.
+        """
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

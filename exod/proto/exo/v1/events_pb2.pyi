@@ -39,6 +39,8 @@ class Event(_message.Message):
     NODE_JOINED_FIELD_NUMBER: _builtins.int
     CLUSTER_ENTERED_FIELD_NUMBER: _builtins.int
     MEMBERS_LEARNED_FIELD_NUMBER: _builtins.int
+    NODE_REMOVED_FIELD_NUMBER: _builtins.int
+    CLUSTER_LEFT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def node_started(self) -> Global___NodeStarted: ...
     @_builtins.property
@@ -67,6 +69,10 @@ class Event(_message.Message):
     def cluster_entered(self) -> Global___ClusterEntered: ...
     @_builtins.property
     def members_learned(self) -> Global___MembersLearned: ...
+    @_builtins.property
+    def node_removed(self) -> Global___NodeRemoved: ...
+    @_builtins.property
+    def cluster_left(self) -> Global___ClusterLeft: ...
     def __init__(
         self,
         *,
@@ -84,12 +90,14 @@ class Event(_message.Message):
         node_joined: Global___NodeJoined | None = ...,
         cluster_entered: Global___ClusterEntered | None = ...,
         members_learned: Global___MembersLearned | None = ...,
+        node_removed: Global___NodeRemoved | None = ...,
+        cluster_left: Global___ClusterLeft | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cluster_entered", b"cluster_entered", "invite_issued", b"invite_issued", "kind", b"kind", "members_learned", b"members_learned", "model_added", b"model_added", "model_removed", b"model_removed", "node_joined", b"node_joined", "node_started", b"node_started", "node_stopped", b"node_stopped", "run_accepted", b"run_accepted", "run_finished", b"run_finished", "runner_failed", b"runner_failed", "runner_ready", b"runner_ready", "runner_spawned", b"runner_spawned", "runner_stopped", b"runner_stopped"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cluster_entered", b"cluster_entered", "cluster_left", b"cluster_left", "invite_issued", b"invite_issued", "kind", b"kind", "members_learned", b"members_learned", "model_added", b"model_added", "model_removed", b"model_removed", "node_joined", b"node_joined", "node_removed", b"node_removed", "node_started", b"node_started", "node_stopped", b"node_stopped", "run_accepted", b"run_accepted", "run_finished", b"run_finished", "runner_failed", b"runner_failed", "runner_ready", b"runner_ready", "runner_spawned", b"runner_spawned", "runner_stopped", b"runner_stopped"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_entered", b"cluster_entered", "invite_issued", b"invite_issued", "kind", b"kind", "members_learned", b"members_learned", "model_added", b"model_added", "model_removed", b"model_removed", "node_joined", b"node_joined", "node_started", b"node_started", "node_stopped", b"node_stopped", "run_accepted", b"run_accepted", "run_finished", b"run_finished", "runner_failed", b"runner_failed", "runner_ready", b"runner_ready", "runner_spawned", b"runner_spawned", "runner_stopped", b"runner_stopped"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_entered", b"cluster_entered", "cluster_left", b"cluster_left", "invite_issued", b"invite_issued", "kind", b"kind", "members_learned", b"members_learned", "model_added", b"model_added", "model_removed", b"model_removed", "node_joined", b"node_joined", "node_removed", b"node_removed", "node_started", b"node_started", "node_stopped", b"node_stopped", "run_accepted", b"run_accepted", "run_finished", b"run_finished", "runner_failed", b"runner_failed", "runner_ready", b"runner_ready", "runner_spawned", b"runner_spawned", "runner_stopped", b"runner_stopped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["node_started", "node_stopped", "runner_spawned", "runner_ready", "runner_failed", "runner_stopped", "run_accepted", "run_finished", "model_added", "model_removed", "invite_issued", "node_joined", "cluster_entered", "members_learned"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["node_started", "node_stopped", "runner_spawned", "runner_ready", "runner_failed", "runner_stopped", "run_accepted", "run_finished", "model_added", "model_removed", "invite_issued", "node_joined", "cluster_entered", "members_learned", "node_removed", "cluster_left"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -465,12 +473,15 @@ class ClusterEntered(_message.Message):
     CA_FINGERPRINT_FIELD_NUMBER: _builtins.int
     HOW_FIELD_NUMBER: _builtins.int
     CA_NODE_ID_FIELD_NUMBER: _builtins.int
+    CA_CERT_FIELD_NUMBER: _builtins.int
     cluster_id: _builtins.str
     ca_fingerprint: _builtins.str
     how: _builtins.str
     """"init" or "join" """
     ca_node_id: _builtins.str
     """the node that holds the CA key (this one after init)"""
+    ca_cert: _builtins.bytes
+    """PEM: what a NodeRemoved's signature is checked with"""
     def __init__(
         self,
         *,
@@ -478,10 +489,11 @@ class ClusterEntered(_message.Message):
         ca_fingerprint: _builtins.str = ...,
         how: _builtins.str = ...,
         ca_node_id: _builtins.str = ...,
+        ca_cert: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_fingerprint", b"ca_fingerprint", "ca_node_id", b"ca_node_id", "cluster_id", b"cluster_id", "how", b"how"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_cert", b"ca_cert", "ca_fingerprint", b"ca_fingerprint", "ca_node_id", b"ca_node_id", "cluster_id", b"cluster_id", "how", b"how"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -539,3 +551,64 @@ class KnownMember(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___KnownMember: _TypeAlias = KnownMember  # noqa: Y015
+
+@_typing.final
+class NodeRemoved(_message.Message):
+    """A member is out of the cluster: removed by the CA's node (`exoctl cluster remove`) or gone at
+    its own request (`exoctl cluster leave`). Written by the CA's node only and replicated; every
+    member obeys it only when `signature` (the CA's, over exod.cluster.revocation.canonical of the
+    other fields) checks out with the CA certificate, and then refuses every call of that node.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    CERT_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    TS_FIELD_NUMBER: _builtins.int
+    HOW_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    cert_fingerprint: _builtins.str
+    """SHA-256 of its certificate as the CA's node knew it"""
+    ts: _builtins.int
+    """unix seconds, by the CA's node's clock"""
+    how: _builtins.str
+    """"remove" or "leave" """
+    signature: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        cert_fingerprint: _builtins.str = ...,
+        ts: _builtins.int = ...,
+        how: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cert_fingerprint", b"cert_fingerprint", "how", b"how", "node_id", b"node_id", "signature", b"signature", "ts", b"ts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeRemoved: _TypeAlias = NodeRemoved  # noqa: Y015
+
+@_typing.final
+class ClusterLeft(_message.Message):
+    """This node left its cluster (`exoctl cluster leave`): its TLS files are gone. Local."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLUSTER_ID_FIELD_NUMBER: _builtins.int
+    cluster_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        cluster_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_id", b"cluster_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterLeft: _TypeAlias = ClusterLeft  # noqa: Y015

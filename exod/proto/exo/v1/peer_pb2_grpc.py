@@ -49,6 +49,16 @@ class PeerStub:
                 request_serializer=exo_dot_v1_dot_peer__pb2.FollowRequest.SerializeToString,
                 response_deserializer=exo_dot_v1_dot_peer__pb2.FollowReply.FromString,
                 _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/exo.v1.Peer/Leave',
+                request_serializer=exo_dot_v1_dot_peer__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=exo_dot_v1_dot_peer__pb2.LeaveReply.FromString,
+                _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/exo.v1.Peer/Renew',
+                request_serializer=exo_dot_v1_dot_peer__pb2.RenewRequest.SerializeToString,
+                response_deserializer=exo_dot_v1_dot_peer__pb2.RenewReply.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -75,6 +85,22 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Leave(self, request, context):
+        """The caller leaves the cluster: the CA's node writes its signed NodeRemoved. Only on the CA's
+        node; served even to a caller removed already (it changes nothing then).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Renew(self, request, context):
+        """A new certificate for the caller's own id, for the key behind `csr`; only on the CA's node,
+        authenticated by the caller's current certificate (renewal at two thirds of its lifetime).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +118,16 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Follow,
                     request_deserializer=exo_dot_v1_dot_peer__pb2.FollowRequest.FromString,
                     response_serializer=exo_dot_v1_dot_peer__pb2.FollowReply.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=exo_dot_v1_dot_peer__pb2.LeaveRequest.FromString,
+                    response_serializer=exo_dot_v1_dot_peer__pb2.LeaveReply.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=exo_dot_v1_dot_peer__pb2.RenewRequest.FromString,
+                    response_serializer=exo_dot_v1_dot_peer__pb2.RenewReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +211,60 @@ class Peer:
             '/exo.v1.Peer/Follow',
             exo_dot_v1_dot_peer__pb2.FollowRequest.SerializeToString,
             exo_dot_v1_dot_peer__pb2.FollowReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exo.v1.Peer/Leave',
+            exo_dot_v1_dot_peer__pb2.LeaveRequest.SerializeToString,
+            exo_dot_v1_dot_peer__pb2.LeaveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exo.v1.Peer/Renew',
+            exo_dot_v1_dot_peer__pb2.RenewRequest.SerializeToString,
+            exo_dot_v1_dot_peer__pb2.RenewReply.FromString,
             options,
             channel_credentials,
             insecure,

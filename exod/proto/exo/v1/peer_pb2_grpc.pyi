@@ -43,6 +43,14 @@ class PeerStub:
     origin_seq order; then new ones as they are written, with a heartbeat while there are none.
     Never ends by itself: the follower hangs up.
     """
+    Leave: _grpc.UnaryUnaryMultiCallable[_peer_pb2.LeaveRequest, _peer_pb2.LeaveReply]
+    """The caller leaves the cluster: the CA's node writes its signed NodeRemoved. Only on the CA's
+    node; served even to a caller removed already (it changes nothing then).
+    """
+    Renew: _grpc.UnaryUnaryMultiCallable[_peer_pb2.RenewRequest, _peer_pb2.RenewReply]
+    """A new certificate for the caller's own id, for the key behind `csr`; only on the CA's node,
+    authenticated by the caller's current certificate (renewal at two thirds of its lifetime).
+    """
 
 @_typing.type_check_only
 class PeerAsyncStub(PeerStub):
@@ -53,6 +61,14 @@ class PeerAsyncStub(PeerStub):
     """The replicated events of `origin` that this node holds, after `after_origin_seq`, in
     origin_seq order; then new ones as they are written, with a heartbeat while there are none.
     Never ends by itself: the follower hangs up.
+    """
+    Leave: _aio.UnaryUnaryMultiCallable[_peer_pb2.LeaveRequest, _peer_pb2.LeaveReply]  # type: ignore[assignment]
+    """The caller leaves the cluster: the CA's node writes its signed NodeRemoved. Only on the CA's
+    node; served even to a caller removed already (it changes nothing then).
+    """
+    Renew: _aio.UnaryUnaryMultiCallable[_peer_pb2.RenewRequest, _peer_pb2.RenewReply]  # type: ignore[assignment]
+    """A new certificate for the caller's own id, for the key behind `csr`; only on the CA's node,
+    authenticated by the caller's current certificate (renewal at two thirds of its lifetime).
     """
 
 class PeerServicer(metaclass=_abc_1.ABCMeta):
@@ -79,6 +95,26 @@ class PeerServicer(metaclass=_abc_1.ABCMeta):
         """The replicated events of `origin` that this node holds, after `after_origin_seq`, in
         origin_seq order; then new ones as they are written, with a heartbeat while there are none.
         Never ends by itself: the follower hangs up.
+        """
+
+    @_abc_1.abstractmethod
+    def Leave(
+        self,
+        request: _peer_pb2.LeaveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.LeaveReply, _abc.Awaitable[_peer_pb2.LeaveReply]]:
+        """The caller leaves the cluster: the CA's node writes its signed NodeRemoved. Only on the CA's
+        node; served even to a caller removed already (it changes nothing then).
+        """
+
+    @_abc_1.abstractmethod
+    def Renew(
+        self,
+        request: _peer_pb2.RenewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.RenewReply, _abc.Awaitable[_peer_pb2.RenewReply]]:
+        """A new certificate for the caller's own id, for the key behind `csr`; only on the CA's node,
+        authenticated by the caller's current certificate (renewal at two thirds of its lifetime).
         """
 
 def add_PeerServicer_to_server(servicer: PeerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

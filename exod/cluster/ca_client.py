@@ -1,0 +1,72 @@
+"""A member's calls to the node holding the CA key, over mutual TLS: Leave and Renew.
+
+The CA's node is found in the members this node knows (its addresses and peer port, from the
+join's answer or the CA's NodeJoined); its certificate must name its id. An address that does not
+answer within EXOD_PEER_TIMEOUT gives way to the next; when none answers, the call fails with
+peer_unreachable naming the node, and nothing changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TypeVar, cast
+
+import grpc
+
+from exod.cluster import tls_store
+from exod.cluster.peer_server import KEEPALIVE, endpoint
+from exod.errors import REASON_KEY, REASONS, ExoError
+from exod.eventlog.fold import MemberView
+from exod.proto.exo.v1 import peer_pb2_grpc
+
+T = TypeVar("T")
+# PeerAsyncStub exists in the generated stubs only: named as a string.
+Call = Callable[["peer_pb2_grpc.PeerAsyncStub", float], Awaitable[T]]
+_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+async def call(
+    material: tls_store.Material,
+    *,
+    ca_node: MemberView | None,
+    ca_node_id: str,
+    timeout: float,  # noqa: ASYNC109  # per address: each gets EXOD_PEER_TIMEOUT
+    doing: str,
+    what: Call[T],
+) -> T:
+    """`what(stub, timeout)` on the CA's node; ExoError saying why not (`doing`, in words)."""
+    who = ca_node_id or "the node that ran `exoctl cluster init`"
+    if ca_node is None or not ca_node.addresses or ca_node.port <= 0:
+        raise ExoError(
+            "peer_unreachable",
+            f"this node knows no address of the CA's node {who}, so it cannot {doing}: start "
+            "exod there and let it reach this node, then retry",
+        )
+    credentials = grpc.ssl_channel_credentials(
+        material.ca_cert, material.node_key, material.node_cert
+    )
+    options = [("grpc.ssl_target_name_override", ca_node.id), *KEEPALIVE]
+    targets = [endpoint(a, ca_node.port) for a in ca_node.addresses]
+    for target in targets:
+        async with grpc.aio.secure_channel(target, credentials, options=options) as channel:
+            try:
+                return await what(peer_pb2_grpc.PeerStub(channel), timeout)
+            except grpc.aio.AioRpcError as e:
+                if e.code() in _GONE:
+                    continue
+                raise refusal(e, who) from None
+    raise ExoError(
+        "peer_unreachable",
+        f"the CA's node {who} did not answer at {', '.join(targets)} within {timeout:g}s "
+        f"(EXOD_PEER_TIMEOUT), so this node could not {doing} and nothing changed: start exod "
+        "there (or check this machine can reach it), then retry",
+    )
+
+
+def refusal(e: grpc.aio.AioRpcError, who: str) -> ExoError:
+    # (key, value) pairs at run time, whatever grpc-stubs says of aio's Metadata.
+    pairs = cast("list[tuple[str, str | bytes]]", list(e.trailing_metadata() or ()))
+    reason = next((v for k, v in pairs if k == REASON_KEY), "")
+    if isinstance(reason, str) and reason in REASONS:
+        return ExoError(reason, e.details() or REASONS[reason].summary)
+    return ExoError("internal", f"the CA's node {who} failed the call: {e.details()}")
