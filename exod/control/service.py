@@ -14,7 +14,7 @@ import secrets
 import shlex
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,11 +54,22 @@ class Node:
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+T = TypeVar("T")
 
 
 async def abort(context: grpc.aio.ServicerContext[Req, Resp], err: ExoError) -> NoReturn:
     await context.abort(err.code, err.message, trailing_metadata=((REASON_KEY, err.reason),))
     raise AssertionError("unreachable: abort raises")
+
+
+async def answered(context: grpc.aio.ServicerContext[Req, Resp], call: Awaitable[T]) -> T:
+    """The call's reply; its failure as the gRPC status that exoctl maps to an exit code."""
+    try:
+        return await call
+    except ExoError as e:
+        await abort(context, e)
+    except StoreError as e:
+        await abort(context, store_failure(e))
 
 
 class ControlService(control_pb2_grpc.ControlServicer):
@@ -247,12 +258,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         request: control_pb2.ClusterInitRequest,
         context: grpc.aio.ServicerContext[control_pb2.ClusterInitRequest, control_pb2.ClusterReply],
     ) -> control_pb2.ClusterReply:
-        try:
-            return await self._node.cluster.init()
-        except ExoError as e:
-            await abort(context, e)
-        except StoreError as e:
-            await abort(context, store_failure(e))
+        return await answered(context, self._node.cluster.init())
 
     async def ClusterInvite(  # gRPC method names are CamelCase
         self,
@@ -261,24 +267,14 @@ class ControlService(control_pb2_grpc.ControlServicer):
             control_pb2.ClusterInviteRequest, control_pb2.ClusterInviteReply
         ],
     ) -> control_pb2.ClusterInviteReply:
-        try:
-            return await self._node.cluster.invite(request.ttl_s)
-        except ExoError as e:
-            await abort(context, e)
-        except StoreError as e:
-            await abort(context, store_failure(e))
+        return await answered(context, self._node.cluster.invite(request.ttl_s))
 
     async def ClusterJoin(  # gRPC method names are CamelCase
         self,
         request: control_pb2.ClusterJoinRequest,
         context: grpc.aio.ServicerContext[control_pb2.ClusterJoinRequest, control_pb2.ClusterReply],
     ) -> control_pb2.ClusterReply:
-        try:
-            return await self._node.cluster.join(request.token)
-        except ExoError as e:
-            await abort(context, e)
-        except StoreError as e:
-            await abort(context, store_failure(e))
+        return await answered(context, self._node.cluster.join(request.token))
 
     async def ClusterRemove(  # gRPC method names are CamelCase
         self,
@@ -287,12 +283,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
             control_pb2.ClusterRemoveRequest, control_pb2.ClusterRemoveReply
         ],
     ) -> control_pb2.ClusterRemoveReply:
-        try:
-            return await self._node.cluster.remove(request.node_id)
-        except ExoError as e:
-            await abort(context, e)
-        except StoreError as e:
-            await abort(context, store_failure(e))
+        return await answered(context, self._node.cluster.remove(request.node_id))
 
     async def ClusterLeave(  # gRPC method names are CamelCase
         self,
@@ -301,12 +292,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
             control_pb2.ClusterLeaveRequest, control_pb2.ClusterReply
         ],
     ) -> control_pb2.ClusterReply:
-        try:
-            return await self._node.cluster.leave()
-        except ExoError as e:
-            await abort(context, e)
-        except StoreError as e:
-            await abort(context, store_failure(e))
+        return await answered(context, self._node.cluster.leave())
 
     # --- Models -----------------------------------------------------------------------------------
 
@@ -315,12 +301,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         request: control_pb2.ModelsRequest,
         context: grpc.aio.ServicerContext[control_pb2.ModelsRequest, control_pb2.ModelsReply],
     ) -> control_pb2.ModelsReply:
-        try:
-            return await self._models(request)
-        except ExoError as e:
-            await abort(context, e)
-        except StoreError as e:
-            await abort(context, store_failure(e))
+        return await answered(context, self._models(request))
 
     async def _models(self, request: control_pb2.ModelsRequest) -> control_pb2.ModelsReply:
         action = request.action
