@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any, NoReturn
 
 import grpc
 
@@ -131,3 +132,10 @@ class ExoError(Exception):
     @property
     def code(self) -> grpc.StatusCode:
         return REASONS[self.reason].code
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], err: ExoError) -> NoReturn:
+    """End a call on exod's gRPC servers (control and peer) with the error's status, its
+    reason in the trailing metadata (what exoctl maps to an exit code)."""
+    await context.abort(err.code, err.message, trailing_metadata=((REASON_KEY, err.reason),))
+    raise AssertionError("unreachable: abort raises")

@@ -262,7 +262,7 @@ class Cluster:
                 "first (or join one with `exoctl cluster join TOKEN`)",
             )
         if material.ca_key is None:
-            holder = self._journal.state.ca_node or "the node that ran `exoctl cluster init`"
+            holder = self._ca_holder()
             raise ExoError(
                 "peer_unreachable",
                 f"the invite must be made on {holder}, which holds the cluster's CA key: run "
@@ -416,6 +416,19 @@ class Cluster:
 
     # --- remove, leave ----------------------------------------------------------------------------
 
+    def _ca_holder(self) -> str:
+        """Who holds the CA key, for messages that send the user there."""
+        return self._journal.state.ca_node or "the node that ran `exoctl cluster init`"
+
+    def _held_ca(self) -> tls_store.Material:
+        """This node's material with the CA key, for what only the CA's node does for a peer."""
+        material = self._material
+        if material is None or material.ca_key is None:
+            raise ExoError(
+                "peer_unreachable", "this node no longer holds the CA key: ask the one that does"
+            )
+        return material
+
     def _member_material(self, doing: str) -> tls_store.Material:
         if self._material is None:
             raise ExoError(
@@ -429,7 +442,7 @@ class Cluster:
         async with self._lock:
             material = self._member_material("remove a node")
             if material.ca_key is None:
-                holder = self._journal.state.ca_node or "the node that ran `exoctl cluster init`"
+                holder = self._ca_holder()
                 raise ExoError(
                     "peer_unreachable",
                     f"a node is removed on {holder}, which holds the cluster's CA key: run "
@@ -467,12 +480,7 @@ class Cluster:
     async def _leaving(self, caller: str) -> None:
         """Leave, called by the peer server on the CA's node for a member that asks to go."""
         async with self._lock:
-            material = self._material
-            if material is None or material.ca_key is None:
-                raise ExoError(
-                    "peer_unreachable",
-                    "this node no longer holds the CA key: ask the one that does",
-                )
+            material = self._held_ca()
             member = self._journal.state.members.get(caller)
             fingerprint = member.cert_fingerprint if member is not None else ""
             self._write_removal(material, caller, fingerprint, "leave")
@@ -599,12 +607,7 @@ class Cluster:
         """Renew, called by the peer server on the CA's node: a new certificate for the caller's
         own id (the CSR must name it), lasting EXOD_CERT_LIFETIME from now."""
         async with self._lock:
-            material = self._material
-            if material is None or material.ca_key is None:
-                raise ExoError(
-                    "peer_unreachable",
-                    "this node no longer holds the CA key: ask the one that does",
-                )
+            material = self._held_ca()
             cert = self._sign(material, caller, csr, time.time())
             log.info("renewed the certificate of %s", caller)
             return cert

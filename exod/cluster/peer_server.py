@@ -27,7 +27,7 @@ import psutil
 from exod.cluster import pki
 from exod.cluster.protocol import PROTOCOL_VERSION, check_version
 from exod.cluster.replicated import REPLICATED_KINDS
-from exod.errors import REASON_KEY, ExoError
+from exod.errors import ExoError, abort
 from exod.journal import Journal
 from exod.proto.exo.v1 import peer_pb2, peer_pb2_grpc
 
@@ -55,10 +55,6 @@ Ctx = grpc.aio.ServicerContext[object, object]
 # Records read from the log, and sent in one message, per batch while a follower catches up
 # (events are small: a few hundred bytes at most, so a batch stays far below gRPC's 4 MiB).
 FOLLOW_BATCH = 500
-
-
-async def _abort(context: Ctx, err: ExoError) -> None:
-    await context.abort(err.code, err.message, trailing_metadata=((REASON_KEY, err.reason),))
 
 
 def _memory() -> tuple[int, int]:
@@ -103,8 +99,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             check_version(request.protocol_version, "the joining node")
             return await self._join(request)
         except ExoError as e:
-            await _abort(cast("Ctx", context), e)
-            raise AssertionError("unreachable: abort raises") from e
+            await abort(context, e)
 
     async def Leave(  # gRPC method names are CamelCase
         self,
@@ -118,7 +113,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 raise self._not_ca("leave")
             await self._leave(caller)
         except ExoError as e:
-            await _abort(cast("Ctx", context), e)
+            await abort(context, e)
         return peer_pb2.LeaveReply(protocol_version=PROTOCOL_VERSION)
 
     async def Renew(  # gRPC method names are CamelCase
@@ -133,8 +128,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 raise self._not_ca("renew a certificate")
             cert = await self._renew(caller, request.csr)
         except ExoError as e:
-            await _abort(cast("Ctx", context), e)
-            raise AssertionError("unreachable: abort raises") from e
+            await abort(context, e)
         return peer_pb2.RenewReply(protocol_version=PROTOCOL_VERSION, node_cert=cert)
 
     def _not_ca(self, doing: str) -> ExoError:
@@ -152,7 +146,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         try:
             check_version(request.protocol_version, f"peer {request.node_id}")
         except ExoError as e:
-            await _abort(cast("Ctx", context), e)
+            await abort(context, e)
         free, total = _memory()
         store = self._journal.store
         held, digest = 0, b""
@@ -183,7 +177,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             if request.after_origin_seq < 0:
                 raise ExoError("invalid_argument", "after_origin_seq must not be negative")
         except ExoError as e:
-            await _abort(cast("Ctx", context), e)
+            await abort(context, e)
         store, origin = self._journal.store, request.origin
         after = request.after_origin_seq
         # What the follower should hold: the last replicated event at or before `after`.
@@ -281,7 +275,7 @@ class CertificateCheck(_Interceptor):
                     )
             except ExoError as e:
                 e.reason = "permission_denied"
-                await _abort(context, e)
+                await abort(context, e)
 
         unary, streaming = handler.unary_unary, handler.unary_stream
         if unary is not None:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import TypeVar
 
 import grpc
 import psutil
@@ -26,7 +26,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from exod import API_VERSION, __version__
 from exod.cluster.control import Cluster
-from exod.errors import REASON_KEY, ExoError
+from exod.errors import ExoError, abort
 from exod.eventlog import Record, RunnerView, StoreError
 from exod.models import MODEL_NAME_PATTERN
 from exod.models.demo import write_demo_model
@@ -55,11 +55,6 @@ class Node:
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 T = TypeVar("T")
-
-
-async def abort(context: grpc.aio.ServicerContext[Req, Resp], err: ExoError) -> NoReturn:
-    await context.abort(err.code, err.message, trailing_metadata=((REASON_KEY, err.reason),))
-    raise AssertionError("unreachable: abort raises")
 
 
 async def answered(context: grpc.aio.ServicerContext[Req, Resp], call: Awaitable[T]) -> T:
