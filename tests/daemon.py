@@ -242,6 +242,19 @@ class Daemon:
 # --- processes --------------------------------------------------------------------------------
 
 
+Stream = list[tuple[str, int, str]]  # (origin, origin_seq, kind)
+
+
+def replicated_stream(holder: Daemon, origin: str) -> Stream:
+    """`origin`'s replicated events as `holder`'s log holds them, in log order."""
+    from exod.cluster.replicated import REPLICATED_KINDS
+
+    events = holder.ok("events", "--json", "--node", origin).json_lines()
+    return [
+        (e["origin"], e["origin_seq"], e["kind"]) for e in events if e["kind"] in REPLICATED_KINDS
+    ]
+
+
 def pids_alive(pids: Sequence[int]) -> list[int]:
     alive = []
     for pid in pids:

@@ -41,6 +41,8 @@ from typing import IO, NoReturn
 import psutil
 import pytest
 
+from tests.daemon import Daemon
+
 IFNAME = "ex0"  # a node's link to the bridge, inside the node's namespace
 DECOY = "dx0"  # the decoy's end with an address; its peer is DECOY_PEER, in the same namespace
 DECOY_PEER = "dx1"
@@ -329,3 +331,16 @@ def _end(proc: subprocess.Popen[bytes]) -> None:
     for pipe in (proc.stdout, proc.stderr):
         if pipe is not None:
             pipe.close()
+
+
+def launch_exod(net: Cluster, node: Node, daemon: Daemon) -> None:
+    """Start `daemon`'s exod inside `node`'s namespace (not waiting for it): its log goes to
+    a file beside its home, and exoctl reaches it from the host through its Unix socket."""
+    daemon.home.mkdir(parents=True, exist_ok=True)
+    path = daemon.home.parent / f"{daemon.home.name}-exod.log"
+    log = open(path, "ab")  # noqa: SIM115  # the daemon's own: closed here once it holds it
+    daemon.log_path = path
+    daemon.proc = net.run(
+        node, [sys.executable, "-m", "exod"], daemon.base_env(), stdout=log, stderr=log
+    )
+    log.close()

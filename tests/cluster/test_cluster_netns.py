@@ -12,7 +12,6 @@ host's interfaces are as they were.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.daemon import Daemon, wait_until
-from tests.netns import Cluster, Node, ip
+from tests.netns import Cluster, Node, ip, launch_exod
 
 PEER_TIMEOUT_S = 2.0
 PEER_PORT, JOIN_PORT = "52416", "52417"
@@ -40,20 +39,10 @@ def start(net: Cluster, node: Node, home: Path, address: str = "", **env: str) -
         EXOD_MDNS_INTERFACES=address,
         **env,
     )
-    launch(net, node, daemon)
+    launch_exod(net, node, daemon)
     daemon.wait_ready()
     assert net.in_node(daemon.pid, node)
     return daemon
-
-
-def launch(net: Cluster, node: Node, daemon: Daemon) -> None:
-    daemon.home.mkdir(parents=True, exist_ok=True)
-    log = open(daemon.home.parent / f"{daemon.home.name}-exod.log", "ab")  # noqa: SIM115
-    daemon.log_path = Path(log.name)
-    daemon.proc = net.run(
-        node, [sys.executable, "-m", "exod"], daemon.base_env(), stdout=log, stderr=log
-    )
-    log.close()
 
 
 def nodes_of(viewer: Daemon) -> dict[str, dict[str, Any]]:
@@ -166,7 +155,7 @@ def test_mdns_pinned_to_an_address_the_machine_lacks(tmp_path: Path) -> None:
         try:
             # Not a member: mDNS is off, so the setting does not matter yet.
             assert daemon.stop() == 0
-            launch(net, node, daemon)
+            launch_exod(net, node, daemon)
             daemon.wait_ready()
             # Serving already: `init` works, mDNS's failure is logged, exod goes on.
             daemon.ok("cluster", "init")
@@ -175,7 +164,7 @@ def test_mdns_pinned_to_an_address_the_machine_lacks(tmp_path: Path) -> None:
             assert daemon.stop() == 0
             # At start, a member with a wrong pinned address: 78 and one line.
             mark = len(daemon.log())
-            launch(net, node, daemon)
+            launch_exod(net, node, daemon)
             assert daemon.proc is not None
             assert daemon.proc.wait(30) == 78, daemon.log()
             said = daemon.log()[mark:]

@@ -8,17 +8,15 @@ exoctl reaches each exod through its Unix socket, which no network namespace hid
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from exod.cluster.replicated import REPLICATED_KINDS
-from tests.daemon import Daemon, wait_until
+from tests.daemon import Daemon, replicated_stream, wait_until
 from tests.models import demo_model
-from tests.netns import Cluster, Node
+from tests.netns import Cluster, Node, launch_exod
 
 PEER_TIMEOUT_S = 2.0
 PEER_PORT, JOIN_PORT = "52416", "52417"
@@ -32,22 +30,9 @@ def start(net: Cluster, node: Node, home: Path) -> Daemon:
         EXOD_JOIN_PORT=JOIN_PORT,
         EXOD_PEER_TIMEOUT=str(PEER_TIMEOUT_S),
     )
-    home.mkdir(parents=True)
-    log = open(home.parent / f"{home.name}-exod.log", "ab")  # noqa: SIM115  # the daemon's
-    daemon.log_path = Path(log.name)
-    daemon.proc = net.run(
-        node, [sys.executable, "-m", "exod"], daemon.base_env(), stdout=log, stderr=log
-    )
-    log.close()
+    launch_exod(net, node, daemon)
     daemon.wait_ready()
     return daemon
-
-
-def stream(holder: Daemon, origin: str) -> list[tuple[str, int, str]]:
-    events = holder.ok("events", "--json", "--node", origin).json_lines()
-    return [
-        (e["origin"], e["origin_seq"], e["kind"]) for e in events if e["kind"] in REPLICATED_KINDS
-    ]
 
 
 def state_of(viewer: Daemon, node_id: str) -> str:
@@ -82,13 +67,15 @@ def test_a_cut_link_makes_a_unreachable_and_b_catches_up_after_the_restore(
         # A goes on alone: a runner spawned, ready and killed that B has not seen.
         a.ok("run", str(demo_model()), "Hi", "--max-tokens", "4")
         a.ok("kill", "--all")
-        want = stream(a, a_id)
+        want = replicated_stream(a, a_id)
         assert "RunnerStopped" in [k for _, _, k in want]
 
         net.restore(node_b)
         restored = time.monotonic()
-        assert wait_until(lambda: stream(b, a_id) == want, PEER_TIMEOUT_S + 10, poll=0.2), (
-            stream(b, a_id),
+        assert wait_until(
+            lambda: replicated_stream(b, a_id) == want, PEER_TIMEOUT_S + 10, poll=0.2
+        ), (
+            replicated_stream(b, a_id),
             b.log()[-2000:],
         )
         assert time.monotonic() - restored <= PEER_TIMEOUT_S + 10

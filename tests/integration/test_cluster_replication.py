@@ -20,16 +20,13 @@ from typing import Any
 
 import pytest
 
-from exod.cluster.replicated import REPLICATED_KINDS
-from tests.daemon import Daemon, LineReader, Result, wait_until
+from tests.daemon import Daemon, LineReader, Result, Stream, replicated_stream, wait_until
 from tests.httpapi import free_port
 from tests.models import copy_model, demo_model
 
 PEER_TIMEOUT_S = 2.0
 # More than it can generate while the tests run: it ends only when the test interrupts it.
 LONG_RUN_TOKENS = "100000"
-
-Stream = list[tuple[str, int, str]]
 
 
 @dataclass
@@ -85,10 +82,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
 
 def stream_of(holder: Node, origin: str) -> Stream:
     """(origin, origin_seq, kind) of origin's replicated events in holder's log, in log order."""
-    events = holder.daemon.ok("events", "--json", "--node", origin).json_lines()
-    return [
-        (e["origin"], e["origin_seq"], e["kind"]) for e in events if e["kind"] in REPLICATED_KINDS
-    ]
+    return replicated_stream(holder.daemon, origin)
 
 
 def caught_up(follower: Node, origin: Node, timeout: float = 10.0) -> Stream:
