@@ -52,9 +52,10 @@ class Client:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 # `status --wait` polls a socket that is not there yet: retry often, not after
-                # gRPC's default backoff of a second and more.
+                # gRPC's default backoff of a second and more. Not min_reconnect_backoff_ms:
+                # gRPC also takes it as the time a connection has to finish its handshake, and
+                # a busy exod on a loaded machine can take more than a fraction of a second.
                 ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 250),
             ],
         )

@@ -6,10 +6,14 @@ against no daemon at all or against a small in-process fake of exod's Control se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import socket as socket_module
 import tempfile
+import threading
+import time
 from collections import namedtuple
 from collections.abc import Iterator
 from concurrent import futures
@@ -439,6 +443,50 @@ def test_status_warns_once_about_another_api_version(fake: tuple[FakeControl, st
     assert result.exit_code == 0
     assert result.stdout.startswith('{"version":"9.9.9","api_version":"999"')
     assert result.stderr.count("API version 999") == 1
+
+
+def slow_proxy(target: str, delay: float) -> tuple[str, socket_module.socket]:
+    """A Unix socket that accepts at once but passes bytes on to `target` only after `delay`:
+    an exod too busy to answer a new connection's handshake straight away."""
+    path = f"{Path(target).parent}/slow.sock"
+    listener = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+
+    def pipe(src: socket_module.socket, dst: socket_module.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket_module.SHUT_WR)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = listener.accept()
+                time.sleep(delay)
+                upstream = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+                upstream.connect(target)
+                for a, b in ((conn, upstream), (upstream, conn)):
+                    threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return path, listener
+
+
+def test_a_daemon_slow_to_answer_the_handshake_is_still_reached(
+    fake: tuple[FakeControl, str],
+) -> None:
+    # gRPC takes min_reconnect_backoff_ms as the handshake's deadline too; with it at 100 ms,
+    # clients of a busy exod failed with "timed out before receiving SETTINGS frame" (69).
+    _, target = fake
+    path, listener = slow_proxy(target, delay=1.0)
+    try:
+        result = invoke("status", "--json", "--socket", path)
+    finally:
+        listener.close()
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith('{"version":"9.9.9"')
 
 
 def test_events_that_lose_exod_midway_are_69(fake: tuple[FakeControl, str]) -> None:
