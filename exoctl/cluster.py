@@ -56,16 +56,19 @@ def cluster_group() -> None:
 
     \b
     On the first machine:   exoctl cluster init
-                            exoctl cluster invite        # prints a one-time token
+    On any member:          exoctl cluster invite        # prints a one-time token
     On the new machine:     exoctl cluster join TOKEN
-    To take a node out:     exoctl cluster remove NODE   # on the first machine
+    To take a node out:     exoctl cluster remove NODE   # on any other member
                             exoctl cluster leave         # or on that node
+
+    The first machine holds the CA key: an invite or removal made on another member is made
+    by it, over mutual TLS, so it must be reachable then; runs, status and replication never
+    need it.
 
     \b
     Exit codes: 64 a garbled token, already a member, or the CA's node leaving or removing
     itself; 77 the token was used or expired; 66 remove of a node that is not a member;
-    75 the inviter or the CA's node did not answer (EXOD_PEER_TIMEOUT), or the invite or
-    removal must be made on another node.
+    75 the inviter or the CA's node did not answer (EXOD_PEER_TIMEOUT).
     """
 
 
@@ -113,8 +116,9 @@ def cluster_invite(*, ttl: int, as_json: bool, socket: Path | None) -> None:
 
     The token holds this node's addresses and join port, the CA's fingerprint (so the joiner can
     tell it reached this cluster) and a secret that admits one node, once, until it expires.
-    Treat it like a password until it is used. Run it on the node that ran `init` (it holds the
-    CA key); elsewhere it exits 75 naming that node. Outside a cluster it exits 64.
+    Treat it like a password until it is used. Any member can invite: on a member without the
+    CA key, the node that holds it makes the secret and later admits the joiner, so it must be
+    reachable (else 75, naming it). Outside a cluster it exits 64.
 
     The token is printed alone on one line; --json prints {"token", "expires"} (RFC 3339).
 
@@ -177,13 +181,14 @@ def cluster_remove(*, node: str, as_json: bool, socket: Path | None) -> None:
     """Take NODE (its id, as `exoctl status` lists it) out of this cluster, for good.
 
     Writes an entry signed by the cluster's CA that every member copies and enforces: each
-    refuses every call of NODE from then on, even while this node is off. Run it on the node
-    that ran `init` (it holds the CA key); elsewhere it exits 75 naming that node. Models
-    loaded anywhere keep running. Removing a node removed already succeeds and changes nothing.
+    refuses every call of NODE from then on, even while the CA's node is off. Any member can
+    remove: the node that holds the CA key signs the entry, so it must be reachable (else 75,
+    naming it). Models loaded anywhere keep running. Removing a node removed already succeeds
+    and changes nothing.
 
     \b
-    Exit codes: 66 NODE is not a member; 64 NODE is this node (the CA's), or outside a cluster;
-    75 run it on the CA's node.
+    Exit codes: 66 NODE is not a member; 64 NODE is the CA's node or this node (use `leave`),
+    or outside a cluster; 75 the CA's node did not answer (EXOD_PEER_TIMEOUT).
 
     \b
     Examples:

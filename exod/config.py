@@ -61,6 +61,7 @@ class Settings:
     peer_timeout: float
     cert_lifetime: int
     mdns_interfaces: tuple[str, ...]
+    keep_awake: bool
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ _LIFETIME = (
 )
 _INTERFACES = "expected IP addresses separated by commas, e.g. 192.168.1.20,10.0.0.5 (empty: all)"
 _NODE_NAME = "expected a name of 1 to 63 printable characters, e.g. studio or mac-mini-2"
+_SWITCH = "expected 1 (on) or 0 (off)"
 _COMMAND = "expected a command prefix split like a shell would, e.g. 'nice -n 10'"
 _SHARE = (
     "expected a size such as 2G, 512M or 1073741824 (bytes), 0 for none, or a percentage of "
@@ -193,6 +195,15 @@ def _memory_cap(text: str) -> int:
     if value < 1:
         raise ValueError(f"{_MEMORY}; a cap of 0 would refuse every model")
     return value
+
+
+def _switch(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "on", "true", "yes"}:
+        return True
+    if value in {"0", "off", "false", "no"}:
+        return False
+    raise ValueError(_SWITCH)
 
 
 def _command(text: str) -> tuple[str, ...]:
@@ -378,7 +389,7 @@ SETTINGS: tuple[Setting, ...] = (
         lambda env: "52417",
         _peer_port,
         "TCP port a node joining with an invite calls (TLS; it can only present the invite); "
-        "open only on the node holding the cluster's CA key",
+        "open on every member, which passes the join on to the node holding the CA key",
     ),
     Setting(
         "peer_bind",
@@ -407,6 +418,14 @@ SETTINGS: tuple[Setting, ...] = (
         lambda env: "",
         _interfaces,
         "addresses of the interfaces mDNS announces and browses on, comma-separated (empty: all)",
+    ),
+    Setting(
+        "keep_awake",
+        "EXOD_KEEP_AWAKE",
+        lambda env: "1",
+        _switch,
+        "keep the machine from idle sleep while a run is in flight (caffeinate on macOS, "
+        "systemd-inhibit on Linux); 0 lets it sleep",
     ),
     Setting(
         "log_level",

@@ -41,6 +41,7 @@ from exod.runners.cgroup import MemoryCgroups
 from exod.runners.supervisor import Supervisor
 from exod.runs import Runs
 from exod.service import localnet
+from exod.service.awake import KeepAwake
 from exod.service.localnet import LocalNetwork
 from exod.service.notify import Notifier
 from exod.service.selfcheck import DEFAULT_PERIOD_S, SelfCheck
@@ -247,9 +248,10 @@ async def serve(settings: Settings) -> None:
     except tls_store.TlsStoreError as e:
         raise Refused(Exit.TEMPFAIL if e.disk_full else Exit.CONFIG, str(e)) from e
     journal = open_journal(settings, node_id)
+    awake = KeepAwake.for_this_machine(settings.keep_awake)
     try:
         supervisor = Supervisor(journal, settings, MemoryCgroups.setup())
-        runs = Runs(settings, journal, supervisor, secret)
+        runs = Runs(settings, journal, supervisor, secret, awake)
         cluster = Cluster(settings, node_id, journal, material)
         node = Node(id=node_id, started=time.time(), localnet=LocalNetwork(), cluster=cluster)
         localnet.watch_mdns_sends(node.localnet)  # macOS's denial shows as failed sends
@@ -262,6 +264,7 @@ async def serve(settings: Settings) -> None:
             log.error("could not record NodeStopped: %s", e)
         log.info("stopped")
     finally:
+        awake.close()  # whichever way serving ended
         journal.store.close()
 
 

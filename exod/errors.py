@@ -85,6 +85,9 @@ REASONS: dict[str, Reason] = {
     "protocol_mismatch": Reason(
         grpc.StatusCode.FAILED_PRECONDITION, Exit.CONFIG, "peer speaks another protocol version"
     ),
+    "copied_home": Reason(
+        grpc.StatusCode.FAILED_PRECONDITION, Exit.CONFIG, "this home is a copy of a member's"
+    ),
     # the daemon
     "daemon_stopped": Reason(grpc.StatusCode.UNAVAILABLE, Exit.UNAVAILABLE, "daemon stopped"),
     "permission_denied": Reason(

@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+from exod.errors import ExoError
 from exod.eventlog import EventStore, Record, State, apply, maybe_snapshot, snapshot_seq
 from exod.eventlog.store import RawRecord
 from exod.proto.exo.v1 import events_pb2
@@ -27,6 +28,20 @@ class Journal:
         self._snapshot_seq = snapshot_seq(store)
         # Replaced on every append; followers wait on the one that was current when they looked.
         self._changed = asyncio.Event()
+        # Why this node must not write any more (its home is a copy: see fence), or "".
+        self.fenced = ""
+
+    def fence(self, why: str) -> None:
+        """Refuse every write a command asks for from now on: a member holds more of this node's
+        own stream than this log does (or another event under one of its numbers), so each new
+        event would fork the stream that the members follow. What already runs ends as usual."""
+        if not self.fenced:
+            self.fenced = why
+
+    def check_writable(self, doing: str) -> None:
+        """ExoError copied_home while fenced; `doing` says what was refused, in words."""
+        if self.fenced:
+            raise ExoError("copied_home", f"this node does not {doing}: {self.fenced}")
 
     def append(self, event: events_pb2.Event) -> Record:
         """Write an event of this node; raises StoreError (disk_full) without changing the state."""

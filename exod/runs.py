@@ -26,6 +26,7 @@ from exod.models.tokens import count_prompt_tokens
 from exod.proto.exo.v1 import control_pb2, events_pb2, runner_pb2
 from exod.runners import admission
 from exod.runners.supervisor import Job, JobItem, Supervisor
+from exod.service.awake import KeepAwake
 
 log = logging.getLogger(__name__)
 
@@ -170,16 +171,24 @@ class Run:
 
 class Runs:
     def __init__(
-        self, settings: Settings, journal: Journal, supervisor: Supervisor, secret: bytes
+        self,
+        settings: Settings,
+        journal: Journal,
+        supervisor: Supervisor,
+        secret: bytes,
+        awake: KeepAwake | None = None,
     ) -> None:
         self.settings = settings
         self.journal = journal
         self.supervisor = supervisor
         self._secret = secret
+        # Told of each run where it is logged as accepted and as finished: every end goes there.
+        self.awake = awake if awake is not None else KeepAwake(None)
         self._ending: set[asyncio.Task[None]] = set()  # cancelled runs awaiting their end
 
     async def start(self, request: control_pb2.RunRequest) -> Run:
         """Admit a run and queue it on its model's runner; raises ExoError when refused."""
+        self.journal.check_writable("accept runs")
         files = await self._admit(request)
         # --force skips the estimate, never the cap: the supervisor still enforces that.
         need = None if request.force else admission.estimate(files.weight_bytes)
@@ -213,6 +222,7 @@ class Runs:
                 self.journal.append(events_pb2.Event(run_accepted=accepted))
             except StoreError as e:
                 raise store_failure(e) from e
+            self.awake.run_started(run_id)
             placed.append((runner_id, position))
 
         try:
@@ -269,6 +279,7 @@ class Runs:
     def finish(
         self, run_id: str, stop_reason: str, reason: str, done: runner_pb2.Done | None
     ) -> None:
+        self.awake.run_ended(run_id)
         finished = events_pb2.RunFinished(run_id=run_id, stop_reason=stop_reason, reason=reason)
         if done is not None:
             finished.prompt_tokens = done.prompt_tokens

@@ -1,4 +1,5 @@
-"""A member's calls to the node holding the CA key, over mutual TLS: Leave and Renew.
+"""A member's calls to the node holding the CA key, over mutual TLS: Invite, Admit (a join
+that reached this member's join port), Remove, Leave and Renew.
 
 The CA's node is found in the members this node knows (its addresses and peer port, from the
 join's answer or the CA's NodeJoined); its certificate must name its id. An address that does not
@@ -54,7 +55,7 @@ async def call(
             except grpc.aio.AioRpcError as e:
                 if e.code() in _GONE:
                     continue
-                raise refusal(e, who) from None
+                raise refusal(e, who, doing) from None
     raise ExoError(
         "peer_unreachable",
         f"the CA's node {who} did not answer at {', '.join(targets)} within {timeout:g}s "
@@ -63,10 +64,17 @@ async def call(
     )
 
 
-def refusal(e: grpc.aio.AioRpcError, who: str) -> ExoError:
+def refusal(e: grpc.aio.AioRpcError, who: str, doing: str) -> ExoError:
     # (key, value) pairs at run time, whatever grpc-stubs says of aio's Metadata.
     pairs = cast("list[tuple[str, str | bytes]]", list(e.trailing_metadata() or ()))
     reason = next((v for k, v in pairs if k == REASON_KEY), "")
     if isinstance(reason, str) and reason in REASONS:
         return ExoError(reason, e.details() or REASONS[reason].summary)
+    if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+        # A CA's node of an earlier release (peer protocol 1.0): it serves Leave and Renew only.
+        return ExoError(
+            "protocol_mismatch",
+            f"the CA's node {who} runs an earlier exod that cannot {doing} for another member: "
+            "upgrade exod there, or run the command on that node",
+        )
     return ExoError("internal", f"the CA's node {who} failed the call: {e.details()}")

@@ -1,12 +1,10 @@
 """This node's cluster membership: `exoctl cluster init / invite / join / remove / leave`, the
 peer server, and the renewal of this node's certificate.
 
-The TLS store (`$EXOD_HOME/tls`) says whether the node belongs to a cluster; the event log
-records what the CA's holder must not forget across a restart: the invites it issued (by the
-secret's digest only), which of them were used (NodeJoined), and whom it removed (NodeRemoved,
-CA-signed: see revocation.py). Events rather than a table of
-their own: they are durable with the log's own fsync, replayed and snapshotted like everything
-else, need no migration, and `exoctl events` shows them.
+The TLS store (`$EXOD_HOME/tls`) says whether the node belongs to a cluster. What only the CA's
+node may do (issue an invite, admit a joiner, remove a node, sign) is in authority.py; on any
+other member the same commands ask the CA's node over mutual TLS, and the member's join port
+passes a joiner's request on to it, so that every member can invite.
 """
 
 from __future__ import annotations
@@ -16,35 +14,27 @@ import dataclasses
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import psutil
 
-from exod.cluster import (
-    addresses,
-    ca_client,
-    invite,
-    join_client,
-    joining,
-    peer_server,
-    pki,
-    revocation,
-    tls_store,
-)
-from exod.cluster.peer_server import PeerService
+from exod.cluster import addresses, ca_client, invite, join_client, peer_server, pki, tls_store
+from exod.cluster.authority import Authority, check_ttl, leave_instead
+from exod.cluster.peer_server import CaDuties, PeerService
 from exod.cluster.protocol import PROTOCOL_VERSION
 from exod.cluster.replication import Replication
 from exod.config import Settings
 from exod.errors import ExoError
 from exod.journal import Journal
-from exod.proto.exo.v1 import control_pb2, events_pb2, peer_pb2
+from exod.proto.exo.v1 import control_pb2, events_pb2, peer_pb2, peer_pb2_grpc
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-DEFAULT_TTL_S = 15 * 60
-MAX_TTL_S = 7 * 86400
 # The CA outlives the certificates it signs: they renew under it.
 CA_LIFETIMES = 10
 # How often a member looks whether its certificate is due for renewal (two thirds of its
@@ -83,6 +73,7 @@ class Cluster:
         self._server: grpc.aio.Server | None = None
         self._material = material
         self._renewer: asyncio.Task[None] | None = None
+        self._authority = Authority(settings, node_id, journal, self._members)
         self.replication = Replication(node_id, journal, settings.peer_timeout)
 
     def addresses(self) -> list[str]:
@@ -144,22 +135,25 @@ class Cluster:
 
     async def _listen(self, material: tls_store.Material) -> grpc.aio.Server:
         s = self._settings
+        duties = CaDuties(
+            leave=self._leaving,
+            renew=self._renewing,
+            invite=self._inviting,
+            admit=self._admitting,
+            remove=self._removing,
+        )
         service = PeerService(
             self._id,
             s.node_name,
-            self._admit,
+            self._join_port,
             journal=self._journal,
             members=self._members,
             # Three beats within the timeout: one lost or late does not make a member unreachable.
             heartbeat_s=s.peer_timeout / 3,
             ca_cert=material.ca_cert,
-            leave=self._leaving if material.ca_key is not None else None,
-            renew=self._renewing if material.ca_key is not None else None,
+            ca=duties if material.ca_key is not None else None,
         )
-        join_port = s.join_port if material.ca_key is not None else None
-        ports = [("peer", s.peer_port, "EXOD_PEER_PORT")]
-        if join_port is not None:
-            ports.append(("join", join_port, "EXOD_JOIN_PORT"))
+        ports = [("peer", s.peer_port, "EXOD_PEER_PORT"), ("join", s.join_port, "EXOD_JOIN_PORT")]
         for what, port, setting in ports:
             try:
                 peer_server.check_port(s.peer_bind, port)
@@ -173,7 +167,7 @@ class Cluster:
             return await peer_server.start(
                 bind=s.peer_bind,
                 peer_port=s.peer_port,
-                join_port=join_port,
+                join_port=s.join_port,
                 ca_cert=material.ca_cert,
                 node_key=material.node_key,
                 node_cert=material.node_cert,
@@ -225,6 +219,7 @@ class Cluster:
 
     async def init(self) -> control_pb2.ClusterReply:
         async with self._lock:
+            self._journal.check_writable("make a cluster")
             self._refuse_member("make another one")
             s, now = self._settings, time.time()
             cluster_id = "c-" + secrets.token_hex(6)
@@ -254,6 +249,8 @@ class Cluster:
     # --- invite -----------------------------------------------------------------------------------
 
     async def invite(self, ttl_s: int) -> control_pb2.ClusterInviteReply:
+        """A token for the joiner, naming this node's join port: on the CA's node the secret is
+        made here, on another member the CA's node makes it (75 naming it when unreachable)."""
         material = self._material
         if material is None:
             raise ExoError(
@@ -261,145 +258,110 @@ class Cluster:
                 "this node is in no cluster, so it cannot invite: run `exoctl cluster init` "
                 "first (or join one with `exoctl cluster join TOKEN`)",
             )
-        if material.ca_key is None:
-            holder = self._ca_holder()
-            raise ExoError(
-                "peer_unreachable",
-                f"the invite must be made on {holder}, which holds the cluster's CA key: run "
-                "`exoctl cluster invite` there",
-            )
-        ttl = ttl_s or DEFAULT_TTL_S
-        if not 0 < ttl <= MAX_TTL_S:
-            raise ExoError(
-                "invalid_argument", f"an invite lasts 1 s to {MAX_TTL_S // 86400} days, not {ttl} s"
-            )
+        ttl = check_ttl(ttl_s)
         where = addresses.invite_addresses(self._settings.peer_bind, machine_addresses())
-        made = invite.new_invite(
-            where, self._settings.join_port, pki.fingerprint(material.ca_cert), ttl, time.time()
+        if material.ca_key is not None:
+            async with self._lock:
+                secret, expires = self._authority.issue(ttl, inviter="")
+        else:
+            request = peer_pb2.InviteRequest(protocol_version=PROTOCOL_VERSION, ttl_s=ttl)
+            made = await self._ask_ca(
+                material,
+                "make an invite",
+                lambda stub, timeout: stub.Invite(request, timeout=timeout),
+            )
+            secret, expires = made.secret, int(made.expires)
+        token = invite.Invite(
+            addresses=tuple(where),
+            port=self._settings.join_port,
+            ca_fingerprint=pki.fingerprint(material.ca_cert),
+            secret=secret,
+            expires=expires,
         )
-        issued = events_pb2.InviteIssued(
-            secret_digest=invite.secret_digest(made.secret), expires=made.expires
-        )
-        self._journal.append(events_pb2.Event(invite_issued=issued))
         return control_pb2.ClusterInviteReply(
-            token=invite.encode(made), expires=made.expires, addresses=where
+            token=invite.encode(token), expires=expires, addresses=where
         )
 
     # --- join (the joiner) ------------------------------------------------------------------------
 
     async def join(self, token: str) -> control_pb2.ClusterReply:
         async with self._lock:
+            self._journal.check_writable("join a cluster")
             self._refuse_member("join another")
             s = self._settings
-            inv = invite.decode(token)
-            if invite.expired(inv, time.time()):
-                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(inv.expires))
-                raise ExoError(
-                    "invite_refused",
-                    f"the invite expired at {when}: "
-                    "ask a member for a new one with `exoctl cluster invite`",
-                )
-            node_key = pki.new_node_key()
             try:
                 mine = addresses.invite_addresses(s.peer_bind, machine_addresses())
             except ExoError:
                 mine = ()  # the others learn it by mDNS; joining needs only the inviter's
-            request = peer_pb2.JoinRequest(
-                node_id=self._id,
-                name=s.node_name,
-                csr=pki.csr_for(node_key, self._id),
-                secret=inv.secret,
-                addresses=mine,
-                port=s.peer_port,
-            )
-            inviter, reply = await join_client.join(inv, request, s.peer_timeout)
-            # Trust nothing in the answer that the invite does not vouch for.
-            cluster_id = pki.check_ca(reply.ca_cert, inv.ca_fingerprint)
-            pki.verify_node_cert(reply.ca_cert, reply.node_cert, time.time())
-            if pki.cert_info(reply.node_cert).name != self._id or not pki.key_matches(
-                node_key, reply.node_cert
-            ):
-                raise ExoError(
-                    "permission_denied",
-                    "the inviter sent a certificate for another node or key: ask for a new invite",
-                )
-            material = tls_store.Material(
-                ca_cert=reply.ca_cert, node_key=node_key, node_cert=reply.node_cert
-            )
-            entered = events_pb2.ClusterEntered(
-                cluster_id=cluster_id,
-                ca_fingerprint=inv.ca_fingerprint,
-                how="join",
-                ca_node_id=inviter.node_id,
-                ca_cert=reply.ca_cert,
-            )
-            # The members the CA's node knows, kept so that a restart finds them without mDNS.
-            learned = events_pb2.MembersLearned(
-                members=[
-                    events_pb2.KnownMember(
-                        node_id=m.id,
-                        name=m.name[:63],
-                        addresses=m.addresses[: addresses.MAX_ADDRESSES],
-                        port=m.port,
-                    )
-                    for m in reply.members
-                    if m.id and m.id != self._id
-                ]
-            )
-            await self._become(material, entered, learned)
-            log.info("joined cluster %s through %s", cluster_id, inviter.node_id)
+            me = peer_pb2.Member(id=self._id, name=s.node_name, addresses=mine, port=s.peer_port)
+            joined = await join_client.join_with(token, me, s.peer_timeout)
+            await self._become(joined.material, joined.entered, joined.learned)
+            log.info("joined cluster %s through %s", joined.entered.cluster_id, joined.inviter)
             return self._reply()
 
-    # --- Join (the CA's holder, called by the peer server) ----------------------------------------
+    # --- the join port (any member), and what only the CA's node does for members --------------
 
-    async def _admit(self, request: peer_pb2.JoinRequest) -> peer_pb2.JoinReply:
+    async def _join_port(self, request: peer_pb2.JoinRequest) -> peer_pb2.JoinReply:
+        """A joiner's Join: admitted here on the CA's node, else passed on to the CA's node,
+        which checks the secret (this member keeps nothing of the invites)."""
+        material = self._material
+        if material is None:
+            raise ExoError(
+                "invite_refused", "the inviter left its cluster: ask a member for a new invite"
+            )
+        if material.ca_key is not None:
+            async with self._lock:
+                return self._authority.admit(material, request, via="")
+        try:
+            return await self._ask_ca(
+                material,
+                "admit the joining node",
+                lambda stub, timeout: stub.Admit(request, timeout=timeout),
+                # Half the joiner's wait: it hears why, not only that the inviter went quiet.
+                timeout=self._settings.peer_timeout / 2,
+            )
+        except ExoError as e:
+            if e.reason != "peer_unreachable":
+                raise
+            raise ExoError(
+                "peer_unreachable",
+                f"the inviter {self._id} passes joins on to the CA's node {self._ca_holder()}, "
+                "which it cannot reach now: start exod there (or ask a member that reaches it "
+                "for an invite), then retry `exoctl cluster join` with the same token",
+            ) from None
+
+    async def _inviting(self, caller: str, ttl_s: int) -> tuple[bytes, int]:
         async with self._lock:
-            material = self._material
-            if material is None or material.ca_key is None:
-                raise ExoError("invite_refused", "this node holds no CA key: ask for a new invite")
-            now = time.time()
-            used = joining.admit(self._journal.state.invites, request.secret, now)
-            if request.node_id in self._journal.state.removed:
-                raise ExoError(
-                    "permission_denied",
-                    f"node {request.node_id} was removed from this cluster, and a removal is for "
-                    "good: on that node stop exod, move its EXOD_HOME aside (a new id is made at "
-                    "start) and join with a new invite",
-                )
-            if request.node_id == self._id:
-                raise ExoError(
-                    "invalid_argument",
-                    f"the joining node has this node's id {self._id}: its home was copied from "
-                    "here; move its EXOD_HOME aside (it makes a new id at start), then join",
-                )
-            node_cert = pki.sign_node(
-                material.ca_key,
-                material.ca_cert,
-                request.csr,
-                request.node_id,
-                lifetime_s=self._settings.cert_lifetime,
-                now=now,
-            )
-            joined = events_pb2.NodeJoined(
-                node_id=request.node_id,
-                name=request.name[:63],
-                cert_fingerprint=pki.fingerprint(node_cert),
-                secret_digest=used.digest,
-                addresses=request.addresses[: addresses.MAX_ADDRESSES],
-                port=request.port,
-            )
-            # Logged before the answer: the invite is spent even if the answer is lost.
-            self._journal.append(events_pb2.Event(node_joined=joined))
-            log.info("node %s (%s) joined", request.node_id, request.name[:63])
-            info = self.info()
-            assert info is not None  # material is set
-            return peer_pb2.JoinReply(
-                protocol_version=PROTOCOL_VERSION,
-                node_cert=node_cert,
-                ca_cert=material.ca_cert,
-                cluster_id=info.id,
-                members=self._members(),
-            )
+            self._held_ca()
+            return self._authority.issue(ttl_s, inviter=caller)
+
+    async def _admitting(self, caller: str, request: peer_pb2.JoinRequest) -> peer_pb2.JoinReply:
+        async with self._lock:
+            return self._authority.admit(self._held_ca(), request, via=caller)
+
+    async def _removing(self, caller: str, node_id: str) -> None:
+        async with self._lock:
+            material = self._held_ca()
+            member = self._authority.removable(node_id, caller)
+            self._authority.remove(material, member.id, member.cert_fingerprint, "remove")
+
+    async def _ask_ca(
+        self,
+        material: tls_store.Material,
+        doing: str,
+        what: Callable[[peer_pb2_grpc.PeerAsyncStub, float], Awaitable[T]],
+        timeout: float | None = None,  # noqa: ASYNC109  # per address; EXOD_PEER_TIMEOUT unless given
+    ) -> T:
+        """`what` on the CA's node over mutual TLS; ExoError naming that node when it cannot."""
+        state = self._journal.state
+        return await ca_client.call(
+            material,
+            ca_node=state.members.get(state.ca_node),
+            ca_node_id=state.ca_node,
+            timeout=timeout or self._settings.peer_timeout,
+            doing=doing,
+            what=what,
+        )
 
     def _members(self) -> list[peer_pb2.Member]:
         s = self._settings
@@ -439,43 +401,22 @@ class Cluster:
         return self._material
 
     async def remove(self, node_id: str) -> control_pb2.ClusterRemoveReply:
-        async with self._lock:
-            material = self._member_material("remove a node")
-            if material.ca_key is None:
-                holder = self._ca_holder()
-                raise ExoError(
-                    "peer_unreachable",
-                    f"a node is removed on {holder}, which holds the cluster's CA key: run "
-                    f"`exoctl cluster remove {node_id}` there",
-                )
-            if node_id == self._id:
-                raise ExoError(
-                    "invalid_argument",
-                    f"{node_id} is this node, which holds the cluster's CA key: the CA's node "
-                    "cannot remove itself; move ca.key to another member first (docs/cluster.md, "
-                    "moving the CA key) and remove this node from there",
-                )
-            member = self._journal.state.members.get(node_id)
-            if member is None:
-                info = self.info()
-                assert info is not None  # material is set
-                raise ExoError(
-                    "node_not_found",
-                    f"{node_id[:70]!r} is not a member of cluster {info.id}: `exoctl status` "
-                    "lists the members (NODES)",
-                )
-            self._write_removal(material, member.id, member.cert_fingerprint, "remove")
-            return control_pb2.ClusterRemoveReply(cluster=self.info(), node_id=node_id)
-
-    def _write_removal(
-        self, material: tls_store.Material, node_id: str, fingerprint: str, how: str
-    ) -> None:
-        """The CA-signed entry, once: removing a node removed already changes nothing."""
-        if node_id in self._journal.state.removed or material.ca_key is None:
-            return
-        entry = revocation.sign(material.ca_key, node_id, fingerprint, int(time.time()), how)
-        self._journal.append(events_pb2.Event(node_removed=entry))
-        log.info("node %s is out of the cluster (%s)", node_id, how)
+        """Take a member out: signed here on the CA's node, else asked of the CA's node."""
+        material = self._member_material("remove a node")
+        if material.ca_key is not None:
+            async with self._lock:
+                member = self._authority.removable(node_id, self._id)
+                self._authority.remove(material, member.id, member.cert_fingerprint, "remove")
+        else:
+            if node_id == self._id:  # known here: no need to ask
+                raise ExoError("invalid_argument", leave_instead(node_id))
+            request = peer_pb2.RemoveRequest(protocol_version=PROTOCOL_VERSION, node_id=node_id)
+            await self._ask_ca(
+                material,
+                f"remove {node_id[:70]}",
+                lambda stub, timeout: stub.Remove(request, timeout=timeout),
+            )
+        return control_pb2.ClusterRemoveReply(cluster=self.info(), node_id=node_id)
 
     async def _leaving(self, caller: str) -> None:
         """Leave, called by the peer server on the CA's node for a member that asks to go."""
@@ -483,10 +424,12 @@ class Cluster:
             material = self._held_ca()
             member = self._journal.state.members.get(caller)
             fingerprint = member.cert_fingerprint if member is not None else ""
-            self._write_removal(material, caller, fingerprint, "leave")
+            self._authority.remove(material, caller, fingerprint, "leave")
 
     async def leave(self) -> control_pb2.ClusterReply:
         async with self._lock:
+            # The removal would name this id, which the original node still uses.
+            self._journal.check_writable("leave its cluster")
             material = self._member_material("leave one")
             if material.ca_key is not None:
                 raise ExoError(
@@ -495,15 +438,11 @@ class Cluster:
                     "`exoctl cluster remove NODE`, or move ca.key to another member first "
                     "(docs/cluster.md, moving the CA key) and leave then",
                 )
-            state = self._journal.state
             request = peer_pb2.LeaveRequest(protocol_version=PROTOCOL_VERSION)
-            await ca_client.call(
+            await self._ask_ca(
                 material,
-                ca_node=state.members.get(state.ca_node),
-                ca_node_id=state.ca_node,
-                timeout=self._settings.peer_timeout,
-                doing="leave the cluster",
-                what=lambda stub, timeout: stub.Leave(request, timeout=timeout),
+                "leave the cluster",
+                lambda stub, timeout: stub.Leave(request, timeout=timeout),
             )
             left = self._reply()
             await self._forget()
@@ -566,17 +505,13 @@ class Cluster:
                 return False
             csr = pki.csr_for(material.node_key, self._id)
             if material.ca_key is not None:
-                cert = self._sign(material, self._id, csr, now)
+                cert = self._authority.sign(material, self._id, csr, now)
             else:
-                state = self._journal.state
                 request = peer_pb2.RenewRequest(protocol_version=PROTOCOL_VERSION, csr=csr)
-                reply = await ca_client.call(
+                reply = await self._ask_ca(
                     material,
-                    ca_node=state.members.get(state.ca_node),
-                    ca_node_id=state.ca_node,
-                    timeout=self._settings.peer_timeout,
-                    doing="renew its certificate",
-                    what=lambda stub, timeout: stub.Renew(request, timeout=timeout),
+                    "renew its certificate",
+                    lambda stub, timeout: stub.Renew(request, timeout=timeout),
                 )
                 cert = reply.node_cert
                 if pki.verify_node_cert(
@@ -607,18 +542,6 @@ class Cluster:
         """Renew, called by the peer server on the CA's node: a new certificate for the caller's
         own id (the CSR must name it), lasting EXOD_CERT_LIFETIME from now."""
         async with self._lock:
-            material = self._held_ca()
-            cert = self._sign(material, caller, csr, time.time())
+            cert = self._authority.sign(self._held_ca(), caller, csr, time.time())
             log.info("renewed the certificate of %s", caller)
             return cert
-
-    def _sign(self, material: tls_store.Material, node_id: str, csr: bytes, now: float) -> bytes:
-        assert material.ca_key is not None  # the callers checked
-        return pki.sign_node(
-            material.ca_key,
-            material.ca_cert,
-            csr,
-            node_id,
-            lifetime_s=self._settings.cert_lifetime,
-            now=now,
-        )

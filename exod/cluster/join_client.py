@@ -1,4 +1,5 @@
-"""The joiner's side of Join: find the inviter, check its CA against the invite, prove the secret.
+"""The joiner's side of Join: find the inviter, check its CA against the invite, prove the
+secret, and check the answer before any of it is kept.
 
 The joiner has no CA certificate yet, only the invite's fingerprint of it. So it first opens a
 TLS connection without verifying and reads the certificate chain the join port presents (the
@@ -20,12 +21,12 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from exod.cluster import pki
+from exod.cluster import addresses, invite, pki, tls_store
 from exod.cluster.invite import Invite
 from exod.cluster.peer_server import KEEPALIVE, endpoint
 from exod.cluster.protocol import PROTOCOL_VERSION, check_version
 from exod.errors import REASON_KEY, REASONS, ExoError
-from exod.proto.exo.v1 import peer_pb2, peer_pb2_grpc
+from exod.proto.exo.v1 import events_pb2, peer_pb2, peer_pb2_grpc
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,78 @@ async def join(
             raise _refusal(e, target, timeout) from None
     check_version(reply.protocol_version, f"the inviter {inviter.node_id}")
     return inviter, reply
+
+
+@dataclass(frozen=True)
+class Joined:
+    """What a join brings: the files to keep, and what to log."""
+
+    material: tls_store.Material
+    entered: events_pb2.ClusterEntered
+    learned: events_pb2.MembersLearned  # the members the CA's node knows, for restarts
+    inviter: str  # the node whose join port answered
+
+
+async def join_with(token: str, me: peer_pb2.Member, timeout: float) -> Joined:  # noqa: ASYNC109  # EXOD_PEER_TIMEOUT for the probe and the call together
+    """Join the cluster `token` invites to as `me` (id, name, peer addresses and port), with a
+    key made here; ExoError when the token, the inviter or its answer is refused."""
+    inv = invite.decode(token)
+    if invite.expired(inv, time.time()):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(inv.expires))
+        raise ExoError(
+            "invite_refused",
+            f"the invite expired at {when}: "
+            "ask a member for a new one with `exoctl cluster invite`",
+        )
+    node_key = pki.new_node_key()
+    request = peer_pb2.JoinRequest(
+        node_id=me.id,
+        name=me.name,
+        csr=pki.csr_for(node_key, me.id),
+        secret=inv.secret,
+        addresses=me.addresses,
+        port=me.port,
+    )
+    inviter, reply = await join(inv, request, timeout)
+    # Trust nothing in the answer that the invite does not vouch for.
+    cluster_id = pki.check_ca(reply.ca_cert, inv.ca_fingerprint)
+    pki.verify_node_cert(reply.ca_cert, reply.node_cert, time.time())
+    if pki.cert_info(reply.node_cert).name != me.id or not pki.key_matches(
+        node_key, reply.node_cert
+    ):
+        raise ExoError(
+            "permission_denied",
+            "the inviter sent a certificate for another node or key: ask for a new invite",
+        )
+    entered = events_pb2.ClusterEntered(
+        cluster_id=cluster_id,
+        ca_fingerprint=inv.ca_fingerprint,
+        how="join",
+        ca_node_id=ca_node_of(reply, inviter),
+        ca_cert=reply.ca_cert,
+    )
+    learned = events_pb2.MembersLearned(
+        members=[
+            events_pb2.KnownMember(
+                node_id=m.id,
+                name=m.name[:63],
+                addresses=m.addresses[: addresses.MAX_ADDRESSES],
+                port=m.port,
+            )
+            for m in reply.members
+            if m.id and m.id != me.id
+        ]
+    )
+    material = tls_store.Material(
+        ca_cert=reply.ca_cert, node_key=node_key, node_cert=reply.node_cert
+    )
+    return Joined(material=material, entered=entered, learned=learned, inviter=inviter.node_id)
+
+
+def ca_node_of(reply: peer_pb2.JoinReply, inviter: Inviter) -> str:
+    """The node that holds the CA key, as the join's answer names it; a CA's node of peer
+    protocol 1.0 does not, and was the inviter then (only it could invite)."""
+    return reply.ca_node_id or inviter.node_id
 
 
 def _refusal(e: grpc.aio.AioRpcError, target: str, timeout: float) -> ExoError:

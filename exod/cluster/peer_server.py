@@ -2,8 +2,9 @@
 
     peer port  mutual TLS: a caller without a certificate of this cluster's CA fails the handshake,
                and every call is checked again here (`verify_node_cert`: issuer, validity, id).
-    join port  TLS without a client certificate, only on the node holding the CA key: the one
-               call it serves is Join, which does nothing but check the invite's secret.
+    join port  TLS without a client certificate, on every member: the one call it serves is
+               Join, which does nothing but have the invite's secret checked (here on the CA's
+               node, else by the CA's node, to which the member passes the request on).
 
 Two ports because gRPC's Python server either demands a client certificate or never asks for
 one (`require_client_auth=False` does not even request it), so a single port could not both
@@ -19,6 +20,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import grpc
@@ -47,14 +49,23 @@ KEEPALIVE = [
 
 JoinHandler = Callable[[peer_pb2.JoinRequest], Awaitable[peer_pb2.JoinReply]]
 MembersOf = Callable[[], list[peer_pb2.Member]]
-# The caller's node id (from its certificate), and for Renew its CSR.
-LeaveHandler = Callable[[str], Awaitable[None]]
-RenewHandler = Callable[[str, bytes], Awaitable[bytes]]
 IsRemoved = Callable[[str], bool]
 Ctx = grpc.aio.ServicerContext[object, object]
 # Records read from the log, and sent in one message, per batch while a follower catches up
 # (events are small: a few hundred bytes at most, so a batch stays far below gRPC's 4 MiB).
 FOLLOW_BATCH = 500
+
+
+@dataclass(frozen=True)
+class CaDuties:
+    """What only the node holding the CA key serves its members; each handler gets the caller's
+    node id (from its certificate) first."""
+
+    leave: Callable[[str], Awaitable[None]]
+    renew: Callable[[str, bytes], Awaitable[bytes]]  # the CSR -> the new certificate
+    invite: Callable[[str, int], Awaitable[tuple[bytes, int]]]  # ttl_s -> secret, expires
+    admit: Callable[[str, peer_pb2.JoinRequest], Awaitable[peer_pb2.JoinReply]]
+    remove: Callable[[str, str], Awaitable[None]]  # the node to remove
 
 
 def _memory() -> tuple[int, int]:
@@ -73,15 +84,13 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         members: MembersOf,
         heartbeat_s: float,
         ca_cert: bytes = b"",
-        leave: LeaveHandler | None = None,
-        renew: RenewHandler | None = None,
+        ca: CaDuties | None = None,
     ) -> None:
-        """`leave` and `renew`: only on the node holding the CA key (elsewhere those calls are
-        refused); `ca_cert` tells their caller's id from its certificate."""
+        """`ca`: only on the node holding the CA key (elsewhere those calls are refused);
+        `ca_cert` tells their caller's id from its certificate."""
         self._id = node_id
         self._ca_cert = ca_cert
-        self._leave = leave
-        self._renew = renew
+        self._ca = ca
         self._name = name
         self._join = join
         self._journal = journal
@@ -101,6 +110,13 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         except ExoError as e:
             await abort(context, e)
 
+    def _duties(self, context: object, doing: str) -> tuple[CaDuties, str]:
+        """The CA's duties and the caller's id, or ExoError (not the CA's node, no certificate)."""
+        caller = caller_id(cast("Ctx", context), self._ca_cert, time.time())
+        if self._ca is None:
+            raise self._not_ca(doing)
+        return self._ca, caller
+
     async def Leave(  # gRPC method names are CamelCase
         self,
         request: peer_pb2.LeaveRequest,
@@ -108,10 +124,8 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     ) -> peer_pb2.LeaveReply:
         try:
             check_version(request.protocol_version, "the leaving node")
-            caller = caller_id(cast("Ctx", context), self._ca_cert, time.time())
-            if self._leave is None:
-                raise self._not_ca("leave")
-            await self._leave(caller)
+            ca, caller = self._duties(context, "leave")
+            await ca.leave(caller)
         except ExoError as e:
             await abort(context, e)
         return peer_pb2.LeaveReply(protocol_version=PROTOCOL_VERSION)
@@ -123,13 +137,51 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     ) -> peer_pb2.RenewReply:
         try:
             check_version(request.protocol_version, "the renewing node")
-            caller = caller_id(cast("Ctx", context), self._ca_cert, time.time())
-            if self._renew is None:
-                raise self._not_ca("renew a certificate")
-            cert = await self._renew(caller, request.csr)
+            ca, caller = self._duties(context, "renew a certificate")
+            cert = await ca.renew(caller, request.csr)
         except ExoError as e:
             await abort(context, e)
         return peer_pb2.RenewReply(protocol_version=PROTOCOL_VERSION, node_cert=cert)
+
+    async def Invite(  # gRPC method names are CamelCase
+        self,
+        request: peer_pb2.InviteRequest,
+        context: grpc.aio.ServicerContext[peer_pb2.InviteRequest, peer_pb2.InviteReply],
+    ) -> peer_pb2.InviteReply:
+        try:
+            check_version(request.protocol_version, "the inviting node")
+            ca, caller = self._duties(context, "make an invite")
+            secret, expires = await ca.invite(caller, int(request.ttl_s))
+        except ExoError as e:
+            await abort(context, e)
+        return peer_pb2.InviteReply(
+            protocol_version=PROTOCOL_VERSION, secret=secret, expires=expires
+        )
+
+    async def Admit(  # gRPC method names are CamelCase
+        self,
+        request: peer_pb2.JoinRequest,
+        context: grpc.aio.ServicerContext[peer_pb2.JoinRequest, peer_pb2.JoinReply],
+    ) -> peer_pb2.JoinReply:
+        try:
+            check_version(request.protocol_version, "the joining node")
+            ca, caller = self._duties(context, "admit a joining node")
+            return await ca.admit(caller, request)
+        except ExoError as e:
+            await abort(context, e)
+
+    async def Remove(  # gRPC method names are CamelCase
+        self,
+        request: peer_pb2.RemoveRequest,
+        context: grpc.aio.ServicerContext[peer_pb2.RemoveRequest, peer_pb2.RemoveReply],
+    ) -> peer_pb2.RemoveReply:
+        try:
+            check_version(request.protocol_version, "the removing node")
+            ca, caller = self._duties(context, "remove a node")
+            await ca.remove(caller, request.node_id)
+        except ExoError as e:
+            await abort(context, e)
+        return peer_pb2.RemoveReply(protocol_version=PROTOCOL_VERSION)
 
     def _not_ca(self, doing: str) -> ExoError:
         return ExoError(
@@ -326,15 +378,15 @@ async def start(
     *,
     bind: str,
     peer_port: int,
-    join_port: int | None,
+    join_port: int,
     ca_cert: bytes,
     node_key: bytes,
     node_cert: bytes,
     service: PeerService,
     is_removed: IsRemoved = lambda _: False,
 ) -> grpc.aio.Server:
-    """The peer server, listening; the join port too when `join_port` is given. RuntimeError
-    (gRPC's) when a port cannot be bound."""
+    """The peer server, listening on both ports. RuntimeError (gRPC's) when a port cannot be
+    bound."""
     # The chain carries the CA certificate too: a joiner reads it from the handshake and checks
     # it against the fingerprint in its invite before it sends the secret.
     chain = node_cert + ca_cert
@@ -346,14 +398,9 @@ async def start(
         [(node_key, chain)], root_certificates=ca_cert, require_client_auth=True
     )
     server.add_secure_port(endpoint(bind, peer_port), mutual)
-    if join_port is not None:
-        server.add_secure_port(
-            endpoint(bind, join_port), grpc.ssl_server_credentials([(node_key, chain)])
-        )
-    await server.start()
-    log.info(
-        "peer port %s%s",
-        endpoint(bind, peer_port),
-        f", join port {join_port}" if join_port is not None else "",
+    server.add_secure_port(
+        endpoint(bind, join_port), grpc.ssl_server_credentials([(node_key, chain)])
     )
+    await server.start()
+    log.info("peer port %s, join port %s", endpoint(bind, peer_port), join_port)
     return server

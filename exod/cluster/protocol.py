@@ -5,7 +5,7 @@ from __future__ import annotations
 from exod.errors import ExoError
 
 # MAJOR.MINOR: a peer of another MAJOR is refused; MINOR only adds fields old peers ignore.
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"
 
 
 def major(version: str) -> str:

@@ -302,6 +302,7 @@ class Replication:
                 "EXOD_HOME aside and join the cluster again as a new node"
             )
             log.error("%s", self.forked)
+            self._journal.fence(self.forked)
 
     async def _stream(self, stub: peer_pb2_grpc.PeerAsyncStub, link: Link) -> None:
         origin = link.member_id

@@ -35,7 +35,7 @@ from exod.models.inspect import content_hash, inspect_model
 from exod.proto.exo.v1 import control_pb2, control_pb2_grpc, events_pb2
 from exod.runners import process
 from exod.runs import Runs, store_failure
-from exod.service import localnet
+from exod.service import firewall, localnet
 from exod.service.localnet import LocalNetwork
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         self._journal = runs.journal
         self._supervisor = runs.supervisor
         self._importer = Importer(runs.settings, runs.journal, runs.supervisor)
+        self._firewall = firewall.Firewall()
 
     async def shutdown(self) -> None:
         """exod is stopping: end the imports in flight (runs end with the supervisor)."""
@@ -129,7 +130,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
             uptime_s=time.time() - self._node.started,
             runners=runners,
             event_count=state.last_seq,
-            warnings=self._warnings(),
+            warnings=await self._warnings(),
             cluster=self._node.cluster.info(),
             nodes=[self._self_node(), *self._node.cluster.replication.nodes(time.time())],
         )
@@ -146,10 +147,14 @@ class ControlService(control_pb2_grpc.ControlServicer):
             runners=len(self._supervisor.runners),
         )
 
-    def _warnings(self) -> list[control_pb2.Warning]:
+    async def _warnings(self) -> list[control_pb2.Warning]:
         warnings = []
         if self._node.localnet.denied:
             warnings.append(control_pb2.Warning(code=localnet.CONDITION, message=localnet.ADVICE))
+        # Read in a thread, at most once a minute, only on macOS and only in a cluster.
+        blocked = await self._firewall.warning(self._node.cluster.info() is not None)
+        if blocked is not None:
+            warnings.append(control_pb2.Warning(code=firewall.CONDITION, message=blocked))
         forked = self._node.cluster.replication.forked
         if forked:
             warnings.append(control_pb2.Warning(code="copied_home", message=forked))
@@ -314,6 +319,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
                     for m in models
                 ]
             )
+        self._journal.check_writable("change its models")
         name = request.name or ("demo" if action == control_pb2.ModelsRequest.DEMO else "")
         if not MODEL_NAME.fullmatch(name):
             raise ExoError(
@@ -405,6 +411,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         context: grpc.aio.ServicerContext[control_pb2.ImportRequest, control_pb2.ImportReply],
     ) -> AsyncIterator[control_pb2.ImportReply]:
         try:
+            self._journal.check_writable("import a model")
             async with aclosing(self._importer.run(request)) as replies:
                 async for reply in replies:
                     yield reply

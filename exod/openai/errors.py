@@ -31,6 +31,8 @@ STATUSES: dict[str, Status] = {
     # The cluster's (never the answer to a run today; listed so that every reason has a status).
     "invite_refused": Status(403),
     "protocol_mismatch": Status(500),
+    # A copied home: no request can succeed on this node until it gets a home of its own.
+    "copied_home": Status(500),
     "model_not_found": Status(404),
     "runner_not_found": Status(404),
     "node_not_found": Status(404),

@@ -165,7 +165,7 @@ def test_join_with_an_invite(nodes: Nodes) -> None:
     ca = (a.tls / "ca.crt").read_bytes()
     assert pki.verify_node_cert(ca, (b.tls / "node.crt").read_bytes(), time.time()) == node_id(b)
     assert set(files(b)) == {"ca.crt", "node.key", "node.crt"}  # no CA key
-    assert b.listening() == {b.peer_port}  # the join port is only the CA holder's
+    assert b.listening() == {b.peer_port, b.join_port}  # every member can invite
     kinds = [e["kind"] for e in a.daemon.events()]
     assert "InviteIssued" in kinds and "NodeJoined" in kinds
 
@@ -258,13 +258,75 @@ def test_join_while_a_member_is_64(nodes: Nodes) -> None:
     refused(nodes.b.daemon.exoctl("cluster", "join", token), 64, "already belongs to cluster")
 
 
-def test_invite_on_a_member_without_the_ca_key_is_75_naming_the_ca_node(nodes: Nodes) -> None:
-    refused(
-        nodes.b.daemon.exoctl("cluster", "invite"),
-        75,
-        f"must be made on {node_id(nodes.a)}",
-        "CA key",
-    )
+def test_a_node_joins_through_a_member_without_the_ca_key(nodes: Nodes, tmp_path: Path) -> None:
+    a, b = nodes.a, nodes.b
+    token = b.daemon.ok("cluster", "invite", "--ttl", "10m").text.strip()
+    # The token names B (its join port), not the CA's node.
+    assert invite.decode(token).port == b.join_port
+    e = _node(tmp_path / "e")
+    try:
+        e.daemon.start()
+        joined = e.daemon.ok("cluster", "join", token, "--json").json_lines()[0]
+        assert joined["cluster"] == cluster_of(a)
+        ca = (a.tls / "ca.crt").read_bytes()
+        cert = (e.tls / "node.crt").read_bytes()
+        assert pki.verify_node_cert(ca, cert, time.time()) == node_id(e)
+        # The CA's node made the secret for B and signed E's certificate, through B.
+        events = a.daemon.events()
+        issued = [x for x in events if x["kind"] == "InviteIssued" and x.get("inviter")]
+        assert [x["inviter"] for x in issued] == [node_id(b)]
+        (via,) = [x for x in events if x["kind"] == "NodeJoined" and x["node_id"] == node_id(e)]
+        assert via["via"] == node_id(b)
+        # E knows the CA's node (not B) as the one to ask for leave and renewal.
+        (entered,) = [
+            x
+            for x in e.daemon.events()
+            if x["kind"] == "ClusterEntered" and x["origin"] == node_id(e)
+        ]
+        assert entered["ca_node_id"] == node_id(a)
+        # The CA's node keeps the invite: used once, refused through B as through A.
+        f = _node(tmp_path / "f")
+        try:
+            f.daemon.start()
+            refused(f.daemon.exoctl("cluster", "join", token), 77, "used already")
+        finally:
+            f.daemon.cleanup()
+        # E is on its way out again: the CA's node removes it at B's request.
+        removed = b.daemon.ok("cluster", "remove", node_id(e), "--json").json_lines()[0]
+        assert removed["removed"] == node_id(e)
+        assert any(
+            x["kind"] == "NodeRemoved" and x["node_id"] == node_id(e) for x in a.daemon.events()
+        )
+    finally:
+        e.daemon.cleanup()
+
+
+def test_a_member_cannot_invite_or_remove_while_the_ca_node_is_down_75_naming_it(
+    nodes: Nodes, tmp_path: Path
+) -> None:
+    a, b = nodes.a, nodes.b
+    a_id = node_id(a)
+    token = b.daemon.ok("cluster", "invite").text.strip()
+    a.daemon.stop()
+    e = _node(tmp_path / "e")
+    try:
+        ca = f"the CA's node {a_id}"
+        refused(b.daemon.exoctl("cluster", "invite"), 75, ca, "make an invite", "nothing changed")
+        refused(b.daemon.exoctl("cluster", "remove", "n-000000000000"), 75, ca, "did not answer")
+        # A token B made while A was up: E hears from B why it cannot join now.
+        e.daemon.start()
+        started = time.monotonic()
+        refused(e.daemon.exoctl("cluster", "join", token), 75, "passes joins on to the CA's node")
+        assert time.monotonic() - started < PEER_TIMEOUT_S + 2
+        assert cluster_of(e) is None
+        a.daemon.start()
+        # Nothing was spent: the same token works once the CA's node is back.
+        joined = e.daemon.ok("cluster", "join", token, "--json").json_lines()[0]
+        assert joined["cluster"] == cluster_of(a)
+    finally:
+        e.daemon.cleanup()
+        if not a.daemon.alive():
+            a.daemon.start()
 
 
 def test_an_inviter_that_never_answers_is_75_within_the_peer_timeout(
@@ -297,7 +359,7 @@ def test_a_member_stays_one_across_a_restart(nodes: Nodes) -> None:
     b.daemon.stop()
     b.daemon.start()
     assert cluster_of(b) == before
-    assert b.listening() == {b.peer_port}
+    assert b.listening() == {b.peer_port, b.join_port}
 
 
 def test_an_inviter_that_is_down_is_75_then_its_token_works_after_a_restart(
@@ -363,4 +425,4 @@ def test_a_taken_peer_port_or_a_damaged_certificate_refuses_the_start(nodes: Nod
         cert.write_bytes(good)
     b.daemon.env.pop("EXOD_LOG_LEVEL")
     b.daemon.start()
-    assert b.listening() == {b.peer_port}
+    assert b.listening() == {b.peer_port, b.join_port}

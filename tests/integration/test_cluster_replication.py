@@ -301,3 +301,20 @@ def test_a_home_restored_from_a_backup_is_told_and_refused(nodes: Nodes) -> None
 
     assert wait_until(refused, PEER_TIMEOUT_S + 10, poll=0.2), node_view(a, b_id)
     assert "refused (duplicate_id)" in a.daemon.ok("status").text
+
+    # And B writes nothing more under its id: each command that would is refused, 78, saying why.
+    def own_events() -> int:
+        return sum(1 for e in b.daemon.events() if e["origin"] == b_id)
+
+    before = own_events()
+    for args, doing in (
+        (("run", "tiny", "Hello"), "accept runs"),
+        (("models", "add", "tiny", str(b.daemon.home)), "change its models"),
+        (("cluster", "leave"), "leave its cluster"),
+    ):
+        result = b.daemon.exoctl(*args)
+        assert result.code == 78, result
+        (line,) = result.stderr.splitlines()
+        assert line.startswith(f"exoctl: this node does not {doing}: member "), line
+        assert "move EXOD_HOME aside" in line
+    assert own_events() == before

@@ -407,19 +407,23 @@ class InviteIssued(_message.Message):
 
     SECRET_DIGEST_FIELD_NUMBER: _builtins.int
     EXPIRES_FIELD_NUMBER: _builtins.int
+    INVITER_FIELD_NUMBER: _builtins.int
     secret_digest: _builtins.str
     """lowercase hex"""
     expires: _builtins.int
     """unix seconds"""
+    inviter: _builtins.str
+    """the member that asked for it (empty: this node, or before 1.1)"""
     def __init__(
         self,
         *,
         secret_digest: _builtins.str = ...,
         expires: _builtins.int = ...,
+        inviter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires", b"expires", "secret_digest", b"secret_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires", b"expires", "inviter", b"inviter", "secret_digest", b"secret_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -427,7 +431,7 @@ Global___InviteIssued: _TypeAlias = InviteIssued  # noqa: Y015
 
 @_typing.final
 class NodeJoined(_message.Message):
-    """A node joined through this node with the invite behind secret_digest (which is now used)."""
+    """A node joined with the invite behind secret_digest (which is now used), signed by this node."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -437,12 +441,15 @@ class NodeJoined(_message.Message):
     SECRET_DIGEST_FIELD_NUMBER: _builtins.int
     ADDRESSES_FIELD_NUMBER: _builtins.int
     PORT_FIELD_NUMBER: _builtins.int
+    VIA_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     name: _builtins.str
     cert_fingerprint: _builtins.str
     """SHA-256 of the certificate it was given"""
     secret_digest: _builtins.str
     port: _builtins.int
+    via: _builtins.str
+    """the member whose join port relayed it (empty: this node)"""
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -454,10 +461,11 @@ class NodeJoined(_message.Message):
         secret_digest: _builtins.str = ...,
         addresses: _abc.Iterable[_builtins.str] | None = ...,
         port: _builtins.int = ...,
+        via: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "cert_fingerprint", b"cert_fingerprint", "name", b"name", "node_id", b"node_id", "port", b"port", "secret_digest", b"secret_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "cert_fingerprint", b"cert_fingerprint", "name", b"name", "node_id", b"node_id", "port", b"port", "secret_digest", b"secret_digest", "via", b"via"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x65xo/v1/peer.proto\x12\x06\x65xo.v1\"\x84\x01\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0b\n\x03\x63sr\x18\x04 \x01(\x0c\x12\x0e\n\x06secret\x18\x05 \x01(\x0c\x12\x11\n\taddresses\x18\x06 \x03(\t\x12\x0c\n\x04port\x18\x07 \x01(\x05\"C\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\taddresses\x18\x03 \x03(\t\x12\x0c\n\x04port\x18\x04 \x01(\x05\"~\n\tJoinReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x11\n\tnode_cert\x18\x02 \x01(\x0c\x12\x0f\n\x07\x63\x61_cert\x18\x03 \x01(\x0c\x12\x12\n\ncluster_id\x18\x04 \x01(\t\x12\x1f\n\x07members\x18\x05 \x03(\x0b\x32\x0e.exo.v1.Member\"K\n\x10PeerHelloRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\xf0\x01\n\x0ePeerHelloReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x19\n\x11memory_free_bytes\x18\x04 \x01(\x03\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x03\x12\x1f\n\x07members\x18\x06 \x03(\x0b\x32\x0e.exo.v1.Member\x12\x19\n\x11\x63\x61ller_origin_seq\x18\x07 \x01(\x03\x12\x16\n\x0eown_origin_seq\x18\x08 \x01(\x03\x12\x1a\n\x12\x63\x61ller_last_digest\x18\t \x01(\x0c\"S\n\rFollowRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x18\n\x10\x61\x66ter_origin_seq\x18\x03 \x01(\x03\"y\n\x0fReplicatedEvent\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\x12\n\norigin_seq\x18\x02 \x01(\x03\x12\x17\n\x0fprev_origin_seq\x18\x03 \x01(\x03\x12\n\n\x02ts\x18\x04 \x01(\x01\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\"T\n\rPeerHeartbeat\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x11memory_free_bytes\x18\x02 \x01(\x03\x12\x1a\n\x12memory_total_bytes\x18\x03 \x01(\x03\";\n\x10ReplicatedEvents\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.exo.v1.ReplicatedEvent\"l\n\x0b\x46ollowReply\x12*\n\x06\x65vents\x18\x01 \x01(\x0b\x32\x18.exo.v1.ReplicatedEventsH\x00\x12*\n\theartbeat\x18\x02 \x01(\x0b\x32\x15.exo.v1.PeerHeartbeatH\x00\x42\x05\n\x03msg\"(\n\x0cLeaveRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\"&\n\nLeaveReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\"5\n\x0cRenewRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"9\n\nRenewReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x11\n\tnode_cert\x18\x02 \x01(\x0c\x32\x8f\x02\n\x04Peer\x12.\n\x04Join\x12\x13.exo.v1.JoinRequest\x1a\x11.exo.v1.JoinReply\x12\x39\n\x05Hello\x12\x18.exo.v1.PeerHelloRequest\x1a\x16.exo.v1.PeerHelloReply\x12\x36\n\x06\x46ollow\x12\x15.exo.v1.FollowRequest\x1a\x13.exo.v1.FollowReply0\x01\x12\x31\n\x05Leave\x12\x14.exo.v1.LeaveRequest\x1a\x12.exo.v1.LeaveReply\x12\x31\n\x05Renew\x12\x14.exo.v1.RenewRequest\x1a\x12.exo.v1.RenewReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x65xo/v1/peer.proto\x12\x06\x65xo.v1\"\x84\x01\n\x0bJoinRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0b\n\x03\x63sr\x18\x04 \x01(\x0c\x12\x0e\n\x06secret\x18\x05 \x01(\x0c\x12\x11\n\taddresses\x18\x06 \x03(\t\x12\x0c\n\x04port\x18\x07 \x01(\x05\"C\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\taddresses\x18\x03 \x03(\t\x12\x0c\n\x04port\x18\x04 \x01(\x05\"\x92\x01\n\tJoinReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x11\n\tnode_cert\x18\x02 \x01(\x0c\x12\x0f\n\x07\x63\x61_cert\x18\x03 \x01(\x0c\x12\x12\n\ncluster_id\x18\x04 \x01(\t\x12\x1f\n\x07members\x18\x05 \x03(\x0b\x32\x0e.exo.v1.Member\x12\x12\n\nca_node_id\x18\x06 \x01(\t\"K\n\x10PeerHelloRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\xf0\x01\n\x0ePeerHelloReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x19\n\x11memory_free_bytes\x18\x04 \x01(\x03\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x03\x12\x1f\n\x07members\x18\x06 \x03(\x0b\x32\x0e.exo.v1.Member\x12\x19\n\x11\x63\x61ller_origin_seq\x18\x07 \x01(\x03\x12\x16\n\x0eown_origin_seq\x18\x08 \x01(\x03\x12\x1a\n\x12\x63\x61ller_last_digest\x18\t \x01(\x0c\"S\n\rFollowRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x18\n\x10\x61\x66ter_origin_seq\x18\x03 \x01(\x03\"y\n\x0fReplicatedEvent\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\x12\n\norigin_seq\x18\x02 \x01(\x03\x12\x17\n\x0fprev_origin_seq\x18\x03 \x01(\x03\x12\n\n\x02ts\x18\x04 \x01(\x01\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\"T\n\rPeerHeartbeat\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x19\n\x11memory_free_bytes\x18\x02 \x01(\x03\x12\x1a\n\x12memory_total_bytes\x18\x03 \x01(\x03\";\n\x10ReplicatedEvents\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.exo.v1.ReplicatedEvent\"l\n\x0b\x46ollowReply\x12*\n\x06\x65vents\x18\x01 \x01(\x0b\x32\x18.exo.v1.ReplicatedEventsH\x00\x12*\n\theartbeat\x18\x02 \x01(\x0b\x32\x15.exo.v1.PeerHeartbeatH\x00\x42\x05\n\x03msg\"(\n\x0cLeaveRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\"&\n\nLeaveReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\"5\n\x0cRenewRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"9\n\nRenewReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x11\n\tnode_cert\x18\x02 \x01(\x0c\"8\n\rInviteRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\r\n\x05ttl_s\x18\x02 \x01(\x03\"H\n\x0bInviteReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\x0c\x12\x0f\n\x07\x65xpires\x18\x03 \x01(\x03\":\n\rRemoveRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"\'\n\x0bRemoveReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\t2\xac\x03\n\x04Peer\x12.\n\x04Join\x12\x13.exo.v1.JoinRequest\x1a\x11.exo.v1.JoinReply\x12\x39\n\x05Hello\x12\x18.exo.v1.PeerHelloRequest\x1a\x16.exo.v1.PeerHelloReply\x12\x36\n\x06\x46ollow\x12\x15.exo.v1.FollowRequest\x1a\x13.exo.v1.FollowReply0\x01\x12\x31\n\x05Leave\x12\x14.exo.v1.LeaveRequest\x1a\x12.exo.v1.LeaveReply\x12\x31\n\x05Renew\x12\x14.exo.v1.RenewRequest\x1a\x12.exo.v1.RenewReply\x12\x34\n\x06Invite\x12\x15.exo.v1.InviteRequest\x1a\x13.exo.v1.InviteReply\x12/\n\x05\x41\x64mit\x12\x13.exo.v1.JoinRequest\x1a\x11.exo.v1.JoinReply\x12\x34\n\x06Remove\x12\x15.exo.v1.RemoveRequest\x1a\x13.exo.v1.RemoveReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,30 +35,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREQUEST']._serialized_end=162
   _globals['_MEMBER']._serialized_start=164
   _globals['_MEMBER']._serialized_end=231
-  _globals['_JOINREPLY']._serialized_start=233
-  _globals['_JOINREPLY']._serialized_end=359
-  _globals['_PEERHELLOREQUEST']._serialized_start=361
-  _globals['_PEERHELLOREQUEST']._serialized_end=436
-  _globals['_PEERHELLOREPLY']._serialized_start=439
-  _globals['_PEERHELLOREPLY']._serialized_end=679
-  _globals['_FOLLOWREQUEST']._serialized_start=681
-  _globals['_FOLLOWREQUEST']._serialized_end=764
-  _globals['_REPLICATEDEVENT']._serialized_start=766
-  _globals['_REPLICATEDEVENT']._serialized_end=887
-  _globals['_PEERHEARTBEAT']._serialized_start=889
-  _globals['_PEERHEARTBEAT']._serialized_end=973
-  _globals['_REPLICATEDEVENTS']._serialized_start=975
-  _globals['_REPLICATEDEVENTS']._serialized_end=1034
-  _globals['_FOLLOWREPLY']._serialized_start=1036
-  _globals['_FOLLOWREPLY']._serialized_end=1144
-  _globals['_LEAVEREQUEST']._serialized_start=1146
-  _globals['_LEAVEREQUEST']._serialized_end=1186
-  _globals['_LEAVEREPLY']._serialized_start=1188
-  _globals['_LEAVEREPLY']._serialized_end=1226
-  _globals['_RENEWREQUEST']._serialized_start=1228
-  _globals['_RENEWREQUEST']._serialized_end=1281
-  _globals['_RENEWREPLY']._serialized_start=1283
-  _globals['_RENEWREPLY']._serialized_end=1340
-  _globals['_PEER']._serialized_start=1343
-  _globals['_PEER']._serialized_end=1614
+  _globals['_JOINREPLY']._serialized_start=234
+  _globals['_JOINREPLY']._serialized_end=380
+  _globals['_PEERHELLOREQUEST']._serialized_start=382
+  _globals['_PEERHELLOREQUEST']._serialized_end=457
+  _globals['_PEERHELLOREPLY']._serialized_start=460
+  _globals['_PEERHELLOREPLY']._serialized_end=700
+  _globals['_FOLLOWREQUEST']._serialized_start=702
+  _globals['_FOLLOWREQUEST']._serialized_end=785
+  _globals['_REPLICATEDEVENT']._serialized_start=787
+  _globals['_REPLICATEDEVENT']._serialized_end=908
+  _globals['_PEERHEARTBEAT']._serialized_start=910
+  _globals['_PEERHEARTBEAT']._serialized_end=994
+  _globals['_REPLICATEDEVENTS']._serialized_start=996
+  _globals['_REPLICATEDEVENTS']._serialized_end=1055
+  _globals['_FOLLOWREPLY']._serialized_start=1057
+  _globals['_FOLLOWREPLY']._serialized_end=1165
+  _globals['_LEAVEREQUEST']._serialized_start=1167
+  _globals['_LEAVEREQUEST']._serialized_end=1207
+  _globals['_LEAVEREPLY']._serialized_start=1209
+  _globals['_LEAVEREPLY']._serialized_end=1247
+  _globals['_RENEWREQUEST']._serialized_start=1249
+  _globals['_RENEWREQUEST']._serialized_end=1302
+  _globals['_RENEWREPLY']._serialized_start=1304
+  _globals['_RENEWREPLY']._serialized_end=1361
+  _globals['_INVITEREQUEST']._serialized_start=1363
+  _globals['_INVITEREQUEST']._serialized_end=1419
+  _globals['_INVITEREPLY']._serialized_start=1421
+  _globals['_INVITEREPLY']._serialized_end=1493
+  _globals['_REMOVEREQUEST']._serialized_start=1495
+  _globals['_REMOVEREQUEST']._serialized_end=1553
+  _globals['_REMOVEREPLY']._serialized_start=1555
+  _globals['_REMOVEREPLY']._serialized_end=1594
+  _globals['_PEER']._serialized_start=1597
+  _globals['_PEER']._serialized_end=2025
 # @@protoc_insertion_point(module_scope)

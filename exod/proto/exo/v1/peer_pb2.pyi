@@ -4,8 +4,12 @@ isort:skip_file
 The peer protocol: what one exod asks another over TCP, under the cluster's TLS.
 Every request carries protocol_version "MAJOR.MINOR"; a peer of another MAJOR is refused with
 a message that names both. Join is the one call served without a client certificate (on the
-join port, and it does nothing but check the invite's secret); every other call needs a
-certificate issued by the cluster's CA.
+join port of every member; it does nothing but have the invite's secret checked by the CA's
+node); every other call needs a certificate issued by the cluster's CA.
+
+Compatibility: a node serves and reads the messages of the previous MINOR (fields are only
+ever added; a field a peer does not send reads as its default, and each such default is
+handled where the field is read).
 """
 
 from collections import abc as _abc
@@ -107,12 +111,15 @@ class JoinReply(_message.Message):
     CA_CERT_FIELD_NUMBER: _builtins.int
     CLUSTER_ID_FIELD_NUMBER: _builtins.int
     MEMBERS_FIELD_NUMBER: _builtins.int
+    CA_NODE_ID_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.str
     node_cert: _builtins.bytes
     """PEM, signed by the CA for the joiner's key"""
     ca_cert: _builtins.bytes
     """PEM; its SHA-256 is the invite's fingerprint"""
     cluster_id: _builtins.str
+    ca_node_id: _builtins.str
+    """the node that signed (empty before 1.1: the inviter)"""
     @_builtins.property
     def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___Member]:
         """the members the CA's node knows, itself first"""
@@ -125,10 +132,11 @@ class JoinReply(_message.Message):
         ca_cert: _builtins.bytes = ...,
         cluster_id: _builtins.str = ...,
         members: _abc.Iterable[Global___Member] | None = ...,
+        ca_node_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_cert", b"ca_cert", "cluster_id", b"cluster_id", "members", b"members", "node_cert", b"node_cert", "protocol_version", b"protocol_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_cert", b"ca_cert", "ca_node_id", b"ca_node_id", "cluster_id", b"cluster_id", "members", b"members", "node_cert", b"node_cert", "protocol_version", b"protocol_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -445,3 +453,93 @@ class RenewReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RenewReply: _TypeAlias = RenewReply  # noqa: Y015
+
+@_typing.final
+class InviteRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    TTL_S_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.str
+    ttl_s: _builtins.int
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.str = ...,
+        ttl_s: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["protocol_version", b"protocol_version", "ttl_s", b"ttl_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InviteRequest: _TypeAlias = InviteRequest  # noqa: Y015
+
+@_typing.final
+class InviteReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    EXPIRES_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.str
+    secret: _builtins.bytes
+    """for the token only: the CA's node keeps its digest"""
+    expires: _builtins.int
+    """unix seconds"""
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.str = ...,
+        secret: _builtins.bytes = ...,
+        expires: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires", b"expires", "protocol_version", b"protocol_version", "secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InviteReply: _TypeAlias = InviteReply  # noqa: Y015
+
+@_typing.final
+class RemoveRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.str
+    node_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.str = ...,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "protocol_version", b"protocol_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveRequest: _TypeAlias = RemoveRequest  # noqa: Y015
+
+@_typing.final
+class RemoveReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.str
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["protocol_version", b"protocol_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveReply: _TypeAlias = RemoveReply  # noqa: Y015

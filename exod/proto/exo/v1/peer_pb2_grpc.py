@@ -59,6 +59,21 @@ class PeerStub:
                 request_serializer=exo_dot_v1_dot_peer__pb2.RenewRequest.SerializeToString,
                 response_deserializer=exo_dot_v1_dot_peer__pb2.RenewReply.FromString,
                 _registered_method=True)
+        self.Invite = channel.unary_unary(
+                '/exo.v1.Peer/Invite',
+                request_serializer=exo_dot_v1_dot_peer__pb2.InviteRequest.SerializeToString,
+                response_deserializer=exo_dot_v1_dot_peer__pb2.InviteReply.FromString,
+                _registered_method=True)
+        self.Admit = channel.unary_unary(
+                '/exo.v1.Peer/Admit',
+                request_serializer=exo_dot_v1_dot_peer__pb2.JoinRequest.SerializeToString,
+                response_deserializer=exo_dot_v1_dot_peer__pb2.JoinReply.FromString,
+                _registered_method=True)
+        self.Remove = channel.unary_unary(
+                '/exo.v1.Peer/Remove',
+                request_serializer=exo_dot_v1_dot_peer__pb2.RemoveRequest.SerializeToString,
+                response_deserializer=exo_dot_v1_dot_peer__pb2.RemoveReply.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -101,6 +116,30 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Invite(self, request, context):
+        """For a member that invites (`exoctl cluster invite` there): a one-time secret, recorded by
+        its digest on the CA's node, which alone checks it at the join. Only on the CA's node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Admit(self, request, context):
+        """A Join that reached a member's join port, passed on by that member: the CA's node checks
+        the secret and signs as for a Join of its own. Only on the CA's node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Remove(self, request, context):
+        """`exoctl cluster remove NODE` run on a member: the CA's node writes its signed NodeRemoved.
+        Only on the CA's node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +167,21 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Renew,
                     request_deserializer=exo_dot_v1_dot_peer__pb2.RenewRequest.FromString,
                     response_serializer=exo_dot_v1_dot_peer__pb2.RenewReply.SerializeToString,
+            ),
+            'Invite': grpc.unary_unary_rpc_method_handler(
+                    servicer.Invite,
+                    request_deserializer=exo_dot_v1_dot_peer__pb2.InviteRequest.FromString,
+                    response_serializer=exo_dot_v1_dot_peer__pb2.InviteReply.SerializeToString,
+            ),
+            'Admit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Admit,
+                    request_deserializer=exo_dot_v1_dot_peer__pb2.JoinRequest.FromString,
+                    response_serializer=exo_dot_v1_dot_peer__pb2.JoinReply.SerializeToString,
+            ),
+            'Remove': grpc.unary_unary_rpc_method_handler(
+                    servicer.Remove,
+                    request_deserializer=exo_dot_v1_dot_peer__pb2.RemoveRequest.FromString,
+                    response_serializer=exo_dot_v1_dot_peer__pb2.RemoveReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +319,87 @@ class Peer:
             '/exo.v1.Peer/Renew',
             exo_dot_v1_dot_peer__pb2.RenewRequest.SerializeToString,
             exo_dot_v1_dot_peer__pb2.RenewReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Invite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exo.v1.Peer/Invite',
+            exo_dot_v1_dot_peer__pb2.InviteRequest.SerializeToString,
+            exo_dot_v1_dot_peer__pb2.InviteReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Admit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exo.v1.Peer/Admit',
+            exo_dot_v1_dot_peer__pb2.JoinRequest.SerializeToString,
+            exo_dot_v1_dot_peer__pb2.JoinReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Remove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exo.v1.Peer/Remove',
+            exo_dot_v1_dot_peer__pb2.RemoveRequest.SerializeToString,
+            exo_dot_v1_dot_peer__pb2.RemoveReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,8 +4,12 @@ isort:skip_file
 The peer protocol: what one exod asks another over TCP, under the cluster's TLS.
 Every request carries protocol_version "MAJOR.MINOR"; a peer of another MAJOR is refused with
 a message that names both. Join is the one call served without a client certificate (on the
-join port, and it does nothing but check the invite's secret); every other call needs a
-certificate issued by the cluster's CA.
+join port of every member; it does nothing but have the invite's secret checked by the CA's
+node); every other call needs a certificate issued by the cluster's CA.
+
+Compatibility: a node serves and reads the messages of the previous MINOR (fields are only
+ever added; a field a peer does not send reads as its default, and each such default is
+handled where the field is read).
 """
 
 from collections import abc as _abc
@@ -51,6 +55,18 @@ class PeerStub:
     """A new certificate for the caller's own id, for the key behind `csr`; only on the CA's node,
     authenticated by the caller's current certificate (renewal at two thirds of its lifetime).
     """
+    Invite: _grpc.UnaryUnaryMultiCallable[_peer_pb2.InviteRequest, _peer_pb2.InviteReply]
+    """For a member that invites (`exoctl cluster invite` there): a one-time secret, recorded by
+    its digest on the CA's node, which alone checks it at the join. Only on the CA's node.
+    """
+    Admit: _grpc.UnaryUnaryMultiCallable[_peer_pb2.JoinRequest, _peer_pb2.JoinReply]
+    """A Join that reached a member's join port, passed on by that member: the CA's node checks
+    the secret and signs as for a Join of its own. Only on the CA's node.
+    """
+    Remove: _grpc.UnaryUnaryMultiCallable[_peer_pb2.RemoveRequest, _peer_pb2.RemoveReply]
+    """`exoctl cluster remove NODE` run on a member: the CA's node writes its signed NodeRemoved.
+    Only on the CA's node.
+    """
 
 @_typing.type_check_only
 class PeerAsyncStub(PeerStub):
@@ -69,6 +85,18 @@ class PeerAsyncStub(PeerStub):
     Renew: _aio.UnaryUnaryMultiCallable[_peer_pb2.RenewRequest, _peer_pb2.RenewReply]  # type: ignore[assignment]
     """A new certificate for the caller's own id, for the key behind `csr`; only on the CA's node,
     authenticated by the caller's current certificate (renewal at two thirds of its lifetime).
+    """
+    Invite: _aio.UnaryUnaryMultiCallable[_peer_pb2.InviteRequest, _peer_pb2.InviteReply]  # type: ignore[assignment]
+    """For a member that invites (`exoctl cluster invite` there): a one-time secret, recorded by
+    its digest on the CA's node, which alone checks it at the join. Only on the CA's node.
+    """
+    Admit: _aio.UnaryUnaryMultiCallable[_peer_pb2.JoinRequest, _peer_pb2.JoinReply]  # type: ignore[assignment]
+    """A Join that reached a member's join port, passed on by that member: the CA's node checks
+    the secret and signs as for a Join of its own. Only on the CA's node.
+    """
+    Remove: _aio.UnaryUnaryMultiCallable[_peer_pb2.RemoveRequest, _peer_pb2.RemoveReply]  # type: ignore[assignment]
+    """`exoctl cluster remove NODE` run on a member: the CA's node writes its signed NodeRemoved.
+    Only on the CA's node.
     """
 
 class PeerServicer(metaclass=_abc_1.ABCMeta):
@@ -115,6 +143,36 @@ class PeerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_peer_pb2.RenewReply, _abc.Awaitable[_peer_pb2.RenewReply]]:
         """A new certificate for the caller's own id, for the key behind `csr`; only on the CA's node,
         authenticated by the caller's current certificate (renewal at two thirds of its lifetime).
+        """
+
+    @_abc_1.abstractmethod
+    def Invite(
+        self,
+        request: _peer_pb2.InviteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.InviteReply, _abc.Awaitable[_peer_pb2.InviteReply]]:
+        """For a member that invites (`exoctl cluster invite` there): a one-time secret, recorded by
+        its digest on the CA's node, which alone checks it at the join. Only on the CA's node.
+        """
+
+    @_abc_1.abstractmethod
+    def Admit(
+        self,
+        request: _peer_pb2.JoinRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.JoinReply, _abc.Awaitable[_peer_pb2.JoinReply]]:
+        """A Join that reached a member's join port, passed on by that member: the CA's node checks
+        the secret and signs as for a Join of its own. Only on the CA's node.
+        """
+
+    @_abc_1.abstractmethod
+    def Remove(
+        self,
+        request: _peer_pb2.RemoveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.RemoveReply, _abc.Awaitable[_peer_pb2.RemoveReply]]:
+        """`exoctl cluster remove NODE` run on a member: the CA's node writes its signed NodeRemoved.
+        Only on the CA's node.
         """
 
 def add_PeerServicer_to_server(servicer: PeerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
