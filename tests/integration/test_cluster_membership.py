@@ -11,6 +11,8 @@ removal, and C's through its leaving.
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,11 +26,12 @@ from exod.cluster import pki, tls_store
 from exod.cluster.protocol import PROTOCOL_VERSION
 from exod.errors import REASON_KEY
 from exod.proto.exo.v1 import peer_pb2, peer_pb2_grpc
-from tests.daemon import Daemon, Result, wait_until
+from tests.daemon import Daemon, LineReader, Result, wait_until
 from tests.httpapi import free_port
 from tests.models import demo_model
 
 PEER_TIMEOUT_S = 2.0
+LONG_RUN_TOKENS = "100000"
 
 
 @dataclass
@@ -52,6 +55,32 @@ class Nodes:
     b: Node
     c: Node
     runner: tuple[str, int] = ("", 0)
+    stream: tuple[subprocess.Popen[bytes], LineReader] | None = None  # A's long run
+
+
+def long_run(node: Node) -> tuple[subprocess.Popen[bytes], LineReader]:
+    """A run that streams tokens until it is interrupted, already generating."""
+    proc = node.daemon.exoctl_bg(
+        "run",
+        str(demo_model()),
+        "Tell me a story",
+        "--raw",
+        "--json",
+        "--max-tokens",
+        LONG_RUN_TOKENS,
+    )
+    reader = LineReader(proc)
+    reader.next(60)
+    return proc, reader
+
+
+def still_generating(stream: tuple[subprocess.Popen[bytes], LineReader] | None) -> None:
+    """The long run streams on, uninterrupted."""
+    assert stream is not None
+    proc, reader = stream
+    assert proc.poll() is None, "the long run ended"
+    for _ in range(3):
+        assert b'"type":"token"' in reader.next(10)
 
 
 def _node(home: Path, address: str) -> Node:
@@ -138,13 +167,14 @@ def refused_as_removed(answer: Any, removed_id: str) -> None:
 def test_b_and_c_join_while_a_holds_a_model(nodes: Nodes) -> None:
     a, b, c = nodes.a, nodes.b, nodes.c
     a.daemon.ok("cluster", "init")
-    a.daemon.ok("run", str(demo_model()), "hello", "--max-tokens", "2")
+    nodes.stream = long_run(a)
     nodes.runner = live_runner(a)
     for joiner in (b, c):
         joiner.daemon.ok("cluster", "join", a.daemon.ok("cluster", "invite").text.strip())
     b_id, c_id = b.id, c.id
     assert wait_until(lambda: state_of(c, b_id) == "alive", 15, poll=0.2)
     assert wait_until(lambda: state_of(b, c_id) == "alive", 15, poll=0.2)
+    still_generating(nodes.stream)
 
 
 def test_a_member_renews_an_aged_certificate_from_the_ca_node_at_start(nodes: Nodes) -> None:
@@ -216,19 +246,29 @@ def test_a_removed_node_is_refused_by_every_member(nodes: Nodes) -> None:
         f"removed {b_id} from cluster {a.daemon.status()['cluster']['id']}"
     )
     assert live_runner(a) == nodes.runner  # the model on A never noticed
+    still_generating(nodes.stream)
 
 
 def test_with_the_ca_node_stopped_c_still_refuses_b_and_cannot_leave(nodes: Nodes) -> None:
     a, b, c = nodes.a, nodes.b, nodes.c
     a_id, b_id, c_id = a.id, b.id, c.id
+    on_c = long_run(c)
+    runner = live_runner(c)
     a.daemon.stop()
     try:
         refused_as_removed(hello_as(b, files_of(b), c, c_id), b_id)
         one_line_error(c.daemon.exoctl("cluster", "leave"), 75, a_id, "did not answer", "retry")
         assert c.daemon.status()["cluster"] is not None
         assert (c.tls / "node.crt").exists()
+        # Runs never need the CA's node: C's goes on, and a new one is served.
+        still_generating(on_c)
+        assert c.daemon.ok("run", str(demo_model()), "hello", "--max-tokens", "2").code == 0
     finally:
         a.daemon.start()
+    still_generating(on_c)
+    assert live_runner(c) == runner
+    on_c[0].send_signal(signal.SIGINT)
+    assert on_c[0].wait(10) == 130
 
 
 # --- leaving --------------------------------------------------------------------------------------
