@@ -45,6 +45,7 @@ def cli() -> None:
       exoctl events --follow --json    the event log, live, one JSON object a line
       exoctl kill --all                stop every runner
       exoctl cluster init              make a cluster; `cluster invite` / `join` add nodes
+      exoctl place demo                where a model would run: one node, or split over several
 
     \b
     Exit codes (sysexits.h; docs/exit-codes.md):
@@ -319,5 +320,6 @@ def events_command(
 
 
 cli.add_lazy_command("models", "exoctl.models:models_group")
+cli.add_lazy_command("place", "exoctl.place:place_command")
 cli.add_lazy_command("cluster", "exoctl.cluster:cluster_group")
 cli.add_lazy_command("service", "exoctl.service:service_group")

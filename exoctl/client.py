@@ -26,6 +26,9 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 UNARY_TIMEOUT_S = 10.0
 # A join waits on another machine, bounded by exod's EXOD_PEER_TIMEOUT (up to this much).
 JOIN_TIMEOUT_S = 300.0
+# A plan may wait for mlx-lm to say whether the model can be split (a subprocess in exod, bounded
+# by its own 60 s).
+PLACE_TIMEOUT_S = 90.0
 # Lets exod refuse (or adapt to) a client from another release.
 METADATA = (("exo-api-version", API_VERSION),)
 
@@ -134,6 +137,9 @@ class Client:
         # It waits for the CA's node, as a join waits for the inviter.
         request = control_pb2.ClusterLeaveRequest()
         return self._unary(self._stub.ClusterLeave, request, JOIN_TIMEOUT_S)
+
+    def place(self, request: control_pb2.PlaceRequest) -> control_pb2.PlaceReply:
+        return self._unary(self._stub.Place, request, PLACE_TIMEOUT_S)
 
     def run(self, request: control_pb2.RunRequest) -> grpc.CallIterator[control_pb2.RunReply]:
         """The generation's replies; RpcErrors surface while iterating (see self.failure)."""

@@ -62,6 +62,7 @@ class Settings:
     cert_lifetime: int
     mdns_interfaces: tuple[str, ...]
     keep_awake: bool
+    model_cache_bytes: int
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,10 @@ _COMMAND = "expected a command prefix split like a shell would, e.g. 'nice -n 10
 _SHARE = (
     "expected a size such as 2G, 512M or 1073741824 (bytes), 0 for none, or a percentage of "
     "EXOD_MAX_RUNNER_MEMORY from 0 to 100, such as 25%"
+)
+_DISK_SHARE = (
+    "expected a size such as 200G, 512M or 1073741824 (bytes), 0 for none, or a percentage of "
+    "the disk that holds EXOD_HOME from 0 to 100, such as 25%"
 )
 
 
@@ -272,7 +277,8 @@ def _bytes(text: str) -> int:
 
 @dataclass(frozen=True)
 class Share:
-    """A size given either in bytes or as a fraction of the runner memory cap (resolved in load)."""
+    """A size given either in bytes or as a fraction of a whole resolved in load (the runner
+    memory cap, or the disk)."""
 
     bytes: int
     fraction: float | None  # set when the size was a percentage
@@ -289,6 +295,28 @@ def _share(text: str) -> Share:
             raise ValueError(_SHARE)
         return Share(0, value / 100)
     return Share(_parsed(lambda t: parse_memory(t, 0), text, _SHARE), None)
+
+
+def _disk_share(text: str) -> Share:
+    percent = _PERCENT.fullmatch(text.strip().lower())
+    if percent is not None:
+        value = float(percent.group(1))
+        if not 0 <= value <= 100:
+            raise ValueError(_DISK_SHARE)
+        return Share(0, value / 100)
+    return Share(_parsed(lambda t: parse_memory(t, 0), text, _DISK_SHARE), None)
+
+
+def disk_size(path: Path) -> int:
+    """The size of the filesystem that holds `path`, or would once it is made (its nearest
+    existing parent's)."""
+    for parent in (path, *path.parents):
+        try:
+            usage = os.statvfs(parent)
+        except OSError:
+            continue
+        return usage.f_blocks * usage.f_frsize
+    return 0
 
 
 def is_loopback(address: str) -> bool:
@@ -493,6 +521,15 @@ SETTINGS: tuple[Setting, ...] = (
         "does not fit in available memory minus this evicts idle runners, else is refused",
     ),
     Setting(
+        "model_cache_bytes",
+        "EXOD_MODEL_CACHE_BYTES",
+        lambda env: "25%",
+        _disk_share,
+        "bound of the models this node keeps for its cluster (a split model's layers that "
+        "members sent it, in the state dir's cache/models), least recently used evicted first: "
+        "bytes, or a percentage of the disk that holds the state dir; 0 keeps none",
+    ),
+    Setting(
         "runner_wrapper",
         "EXOD_RUNNER_WRAPPER",
         lambda env: "",
@@ -588,6 +625,7 @@ def load(flags: Mapping[str, str | None], environ: Mapping[str, str] | None = No
     # Shares of the runner cap are resolved once the cap is known.
     for name in ("prompt_cache_bytes", "mlx_cache_limit"):
         values[name] = values[name].of(values["max_runner_memory"])
+    values["model_cache_bytes"] = values["model_cache_bytes"].of(disk_size(values["home"]))
     names = {f.name for f in fields(Settings)}
     return Settings(**{k: v for k, v in values.items() if k in names})
 

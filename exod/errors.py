@@ -69,6 +69,7 @@ REASONS: dict[str, Reason] = {
     "disk_full": Reason(grpc.StatusCode.RESOURCE_EXHAUSTED, Exit.TEMPFAIL, "disk full"),
     "killed": Reason(grpc.StatusCode.ABORTED, Exit.TEMPFAIL, "runner killed"),
     "crashed": Reason(grpc.StatusCode.ABORTED, Exit.TEMPFAIL, "runner died"),
+    "rank_failed": Reason(grpc.StatusCode.ABORTED, Exit.TEMPFAIL, "a rank of a split model failed"),
     "evicted": Reason(grpc.StatusCode.ABORTED, Exit.TEMPFAIL, "runner evicted"),
     "idle": Reason(grpc.StatusCode.ABORTED, Exit.TEMPFAIL, "runner stopped when idle"),
     "interrupted": Reason(grpc.StatusCode.ABORTED, Exit.TEMPFAIL, "interrupted by a restart"),

@@ -92,7 +92,7 @@ class Runner:
         assert reply.WhichOneof("msg") == "hello", reply
         return reply.hello
 
-    def load(self, path: Path, timeout: float = 120, **options: int) -> runner_pb2.FromRunner:
+    def load(self, path: Path, timeout: float = 120, **options: Any) -> runner_pb2.FromRunner:
         """Send Load; collect progress; return the Ready or RunnerError that ends the load."""
         self.send(load=runner_pb2.Load(model_path=str(path), **options))
         while True:

@@ -30,6 +30,7 @@ from exod.cluster.replication import Replication
 from exod.config import Settings
 from exod.errors import ExoError
 from exod.journal import Journal
+from exod.models.cache import ModelCache
 from exod.proto.exo.v1 import control_pb2, events_pb2, peer_pb2, peer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,10 @@ class Cluster:
         self._renewer: asyncio.Task[None] | None = None
         self._authority = Authority(settings, node_id, journal, self._members)
         self.replication = Replication(node_id, journal, settings.peer_timeout)
+        # What members send this node for the split models it runs a rank of (issue 12).
+        self.models = ModelCache(
+            settings.home / "cache" / "models", settings.model_cache_bytes, node_id
+        )
 
     def addresses(self) -> list[str]:
         """Where members reach this node's peer port; none outside a cluster."""
@@ -94,6 +99,7 @@ class Cluster:
 
     async def start(self) -> None:
         """Listen on the peer port when this node belongs to a cluster (else nothing listens)."""
+        await asyncio.to_thread(self.models.clean)
         if self._material is not None:
             self._server = await self._listen(self._material)
             self.replication.start(self._material)
@@ -152,6 +158,9 @@ class Cluster:
             heartbeat_s=s.peer_timeout / 3,
             ca_cert=material.ca_cert,
             ca=duties if material.ca_key is not None else None,
+            reserved=s.reserved_memory,
+            runner_cap=s.max_runner_memory,
+            models=self.models,
         )
         ports = [("peer", s.peer_port, "EXOD_PEER_PORT"), ("join", s.join_port, "EXOD_JOIN_PORT")]
         for what, port, setting in ports:

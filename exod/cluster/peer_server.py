@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING, cast
 import grpc
 import psutil
 
-from exod.cluster import pki
+from exod.cluster import pki, weights_receive
 from exod.cluster.protocol import PROTOCOL_VERSION, check_version
 from exod.cluster.replicated import REPLICATED_KINDS
 from exod.errors import ExoError, abort
 from exod.journal import Journal
+from exod.models.cache import ModelCache
 from exod.proto.exo.v1 import peer_pb2, peer_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -85,10 +86,19 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         heartbeat_s: float,
         ca_cert: bytes = b"",
         ca: CaDuties | None = None,
+        reserved: int = 0,
+        runner_cap: int = 0,
+        models: ModelCache | None = None,
     ) -> None:
         """`ca`: only on the node holding the CA key (elsewhere those calls are refused);
-        `ca_cert` tells their caller's id from its certificate."""
+        `ca_cert` tells their caller's id from its certificate. `reserved` and `runner_cap`
+        (EXOD_RESERVED_MEMORY, EXOD_MAX_RUNNER_MEMORY) go out with the free memory, so that a
+        member places a model here only where a runner may take the room. `models`: where
+        HasModel and PushModel keep what members send (none: both are refused)."""
         self._id = node_id
+        self._reserved = reserved
+        self._runner_cap = runner_cap
+        self._models = models
         self._ca_cert = ca_cert
         self._ca = ca
         self._name = name
@@ -183,6 +193,32 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             await abort(context, e)
         return peer_pb2.RemoveReply(protocol_version=PROTOCOL_VERSION)
 
+    def _cache(self) -> ModelCache:
+        if self._models is None:
+            raise ExoError("internal", f"{self._id} keeps no model cache: it cannot take models")
+        return self._models
+
+    async def HasModel(  # gRPC method names are CamelCase
+        self,
+        request: peer_pb2.HasModelRequest,
+        context: grpc.aio.ServicerContext[peer_pb2.HasModelRequest, peer_pb2.HasModelReply],
+    ) -> peer_pb2.HasModelReply:
+        try:
+            return await asyncio.to_thread(weights_receive.has, self._cache(), request)
+        except ExoError as e:
+            await abort(context, e)
+
+    async def PushModel(  # gRPC method names are CamelCase
+        self,
+        request_iterator: AsyncIterator[peer_pb2.ModelChunk],
+        context: grpc.aio.ServicerContext[peer_pb2.ModelChunk, peer_pb2.PushModelReply],
+    ) -> peer_pb2.PushModelReply:
+        try:
+            sender = caller_id(cast("Ctx", context), self._ca_cert, time.time())
+            return await weights_receive.receive(self._cache(), request_iterator, sender)
+        except ExoError as e:
+            await abort(context, e)
+
     def _not_ca(self, doing: str) -> ExoError:
         return ExoError(
             "peer_unreachable",
@@ -213,6 +249,8 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             name=self._name,
             memory_free_bytes=free,
             memory_total_bytes=total,
+            memory_reserved_bytes=self._reserved,
+            runner_memory_cap_bytes=self._runner_cap,
             members=self._members(),
             caller_origin_seq=held,
             own_origin_seq=own,
@@ -268,7 +306,11 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             free, total = _memory()
             yield peer_pb2.FollowReply(
                 heartbeat=peer_pb2.PeerHeartbeat(
-                    name=self._name, memory_free_bytes=free, memory_total_bytes=total
+                    name=self._name,
+                    memory_free_bytes=free,
+                    memory_total_bytes=total,
+                    memory_reserved_bytes=self._reserved,
+                    runner_memory_cap_bytes=self._runner_cap,
                 )
             )
             sent = time.monotonic()
@@ -330,6 +372,7 @@ class CertificateCheck(_Interceptor):
                 await abort(context, e)
 
         unary, streaming = handler.unary_unary, handler.unary_stream
+        client_streaming = handler.stream_unary
         if unary is not None:
 
             async def checked(request: object, context: Ctx) -> object:
@@ -355,8 +398,25 @@ class CertificateCheck(_Interceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        # A client-streaming call must get its own check here before it is served; until then
-        # it is refused outright.
+        if client_streaming is not None:
+            # Checked before the handler reads a message: a caller refused here has nothing of
+            # its stream read, let alone written.
+            async def checked_client_stream(
+                requests: AsyncIterator[object], context: Ctx
+            ) -> object:
+                await check(context)
+                call = cast(
+                    "Callable[[AsyncIterator[object], Ctx], Awaitable[object]]", client_streaming
+                )
+                return await call(requests, context)
+
+            return grpc.stream_unary_rpc_method_handler(
+                checked_client_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # A call of another shape (bidirectional streaming) must get its own check here before
+        # it is served; until then it is refused outright.
         return cast("grpc.RpcMethodHandler[object, object]", None)
 
 

@@ -32,6 +32,7 @@ import grpc
 from exod.cluster import tls_store
 from exod.cluster.candidates import Act, Candidate, Me, decide
 from exod.cluster.peer_server import KEEPALIVE, endpoint
+from exod.cluster.placement import usable_memory
 from exod.cluster.protocol import PROTOCOL_VERSION, check_version
 from exod.cluster.replicated import Gap, backoff, check_next, liveness
 from exod.errors import ExoError
@@ -52,6 +53,10 @@ class Link:
     name: str = ""
     memory_free: int = 0
     memory_total: int = 0
+    # Its EXOD_RESERVED_MEMORY and EXOD_MAX_RUNNER_MEMORY as it reports them (0: a peer from
+    # before they were sent, so none known): what placement may count on there.
+    memory_reserved: int = 0
+    runner_cap: int = 0
     refused: str = ""  # why its stream is no longer followed (duplicate_id); "" while followed
     task: asyncio.Task[None] | None = None
     # Set when mDNS reports a new address: a follower waiting to retry tries it at once.
@@ -157,6 +162,13 @@ class Replication:
             info.last_seen.FromNanoseconds(int(refusal.seen * 1e9))
             found.append(info)
         return found
+
+    def room(self, member_id: str) -> int:
+        """What one runner on `member_id` may take, as it last reported (0 if never heard)."""
+        link = self._links.get(member_id)
+        if link is None:
+            return 0
+        return usable_memory(link.memory_free, link.memory_reserved, link.runner_cap)
 
     # --- what mDNS reports --------------------------------------------------------------------
 
@@ -283,6 +295,10 @@ class Replication:
         link.last_seen = time.time()
         link.name = reply.name
         link.memory_free, link.memory_total = reply.memory_free_bytes, reply.memory_total_bytes
+        link.memory_reserved, link.runner_cap = (
+            reply.memory_reserved_bytes,
+            reply.runner_memory_cap_bytes,
+        )
         await self._check_own_stream(reply, link.member_id)
         self._learn(list(reply.members))
 
@@ -324,6 +340,8 @@ class Replication:
                     link.name = beat.name or link.name
                     link.memory_free = beat.memory_free_bytes
                     link.memory_total = beat.memory_total_bytes
+                    link.memory_reserved = beat.memory_reserved_bytes
+                    link.runner_cap = beat.runner_memory_cap_bytes
                     continue
                 batch = []
                 for event in reply.events.events:

@@ -16,7 +16,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -26,12 +26,16 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from exod import API_VERSION, __version__
 from exod.cluster.control import Cluster
+from exod.cluster.placement import Member, Plan, place, usable_memory
 from exod.errors import ExoError, abort
 from exod.eventlog import Record, RunnerView, StoreError
 from exod.models import MODEL_NAME_PATTERN
 from exod.models.demo import write_demo_model
 from exod.models.importer import TRASH_PREFIX, Importer
 from exod.models.inspect import content_hash, inspect_model
+from exod.models.pipeline_check import PipelineCheck
+from exod.models.resolve import resolve_model
+from exod.models.shape import read_shape
 from exod.proto.exo.v1 import control_pb2, control_pb2_grpc, events_pb2
 from exod.runners import process
 from exod.runs import Runs, store_failure
@@ -76,6 +80,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         self._supervisor = runs.supervisor
         self._importer = Importer(runs.settings, runs.journal, runs.supervisor)
         self._firewall = firewall.Firewall()
+        self._pipeline = PipelineCheck()
 
     async def shutdown(self) -> None:
         """exod is stopping: end the imports in flight (runs end with the supervisor)."""
@@ -294,6 +299,61 @@ class ControlService(control_pb2_grpc.ControlServicer):
     ) -> control_pb2.ClusterReply:
         return await answered(context, self._node.cluster.leave())
 
+    # --- Place ------------------------------------------------------------------------------------
+
+    async def Place(  # gRPC method names are CamelCase
+        self,
+        request: control_pb2.PlaceRequest,
+        context: grpc.aio.ServicerContext[control_pb2.PlaceRequest, control_pb2.PlaceReply],
+    ) -> control_pb2.PlaceReply:
+        return await answered(context, self._place(request))
+
+    async def _place(self, request: control_pb2.PlaceRequest) -> control_pb2.PlaceReply:
+        """The plan for a model, found as `run` finds it, over this node and the members it
+        reaches now; a model that cannot be found or read fails as `run` fails."""
+        forced = list(request.on)
+        if any(not node for node in forced):
+            raise ExoError("invalid_argument", "an empty node id in --on: give node ids")
+        path = await asyncio.to_thread(resolve_model, request.model, self._journal.state.models)
+        files = await asyncio.to_thread(inspect_model, path)
+        shape = await asyncio.to_thread(read_shape, files.path)
+        members = await self._members()
+        live = [r for r in self._supervisor.runners.values() if r.ending is None]
+        loaded = [self._node.id] if any(r.model_path == str(files.path) for r in live) else []
+
+        def plan_for(pipeline: bool) -> Plan:
+            return place(
+                replace(shape, pipeline=pipeline),
+                members,
+                local_id=self._node.id,
+                loaded_on=loaded,
+                forced=forced,
+            )
+
+        # Asking mlx-lm takes a subprocess: only when the answer can change the plan.
+        plan = plan_for(True)
+        if plan.whole_on is None and (
+            plan.refused is None or plan.refused.reason == "model_too_large"
+        ):
+            digest = await asyncio.to_thread(content_hash, files.path)
+            plan = plan_for(await self._pipeline.supports(files.path, digest))
+        return _plan_reply(request.model, plan, {m.id: m.name for m in members})
+
+    async def _members(self) -> list[Member]:
+        """This node and, in a cluster, every member it knows, with the room each has now."""
+        s = self._settings
+        vm = await asyncio.to_thread(psutil.virtual_memory)
+        room = usable_memory(vm.available, s.reserved_memory, s.max_runner_memory)
+        me = Member(self._node.id, room, state="self", has_model=True, name=s.node_name)
+        cluster = self._node.cluster
+        if cluster.info() is None:
+            return [me]
+        others = [
+            Member(n.id, cluster.replication.room(n.id), state=n.state, name=n.name)
+            for n in cluster.replication.nodes(time.time())
+        ]
+        return [me, *others]
+
     # --- Models -----------------------------------------------------------------------------------
 
     async def Models(  # gRPC method names are CamelCase
@@ -438,6 +498,23 @@ class ControlService(control_pb2_grpc.ControlServicer):
             f"the name {name!r} is already registered to {old.path}: choose {other}, or "
             f"replace it with {replace}",
         )
+
+
+def _plan_reply(model: str, plan: Plan, names: dict[str, str]) -> control_pb2.PlaceReply:
+    reply = control_pb2.PlaceReply(model=model, whole_on=plan.whole_on or "")
+    for r in plan.ranks:
+        reply.ranks.add(
+            rank=r.rank,
+            node=r.node,
+            node_name=names.get(r.node, ""),
+            first_layer=r.first_layer,
+            last_layer=r.last_layer,
+            bytes=r.bytes,
+        )
+    if plan.refused is not None:
+        reply.refused.reason = plan.refused.reason
+        reply.refused.message = plan.refused.message
+    return reply
 
 
 def record_to_proto(record: Record) -> control_pb2.EventRecord:

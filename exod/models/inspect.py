@@ -257,10 +257,10 @@ def weight_files(path: Path) -> list[Path]:
             weight_map = json.loads(_read_small_file(index, MAX_CONFIG_BYTES))["weight_map"]
             named = {path / str(name) for name in weight_map.values()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise _corrupt(index, f"unreadable index ({_one_line(e)})") from None
+            raise corrupt(index, f"unreadable index ({_one_line(e)})") from None
         missing = sorted(n.name for n in named if not os.path.lexists(n))
         if missing:
-            raise _corrupt(index, f"names shards that are missing: {', '.join(missing[:3])}")
+            raise corrupt(index, f"names shards that are missing: {', '.join(missing[:3])}")
         files |= named
     if not files:
         raise ExoError(
@@ -271,14 +271,14 @@ def weight_files(path: Path) -> list[Path]:
     return sorted(files)
 
 
-def _corrupt(file: Path, what: str) -> ExoError:
+def corrupt(file: Path, what: str) -> ExoError:
     return ExoError(
         "weights_corrupt",
         f"{file}: {what}; the weights are damaged or incomplete: fetch the model again",
     )
 
 
-def _safetensors_header(file: Path) -> tuple[dict[str, Any], int, int]:
+def safetensors_header(file: Path) -> tuple[dict[str, Any], int, int]:
     """(header, header length, file size) of a safetensors file; ExoError when it is bad.
 
     The file is stat-ed before it is opened: only a regular file is opened at all.
@@ -286,49 +286,49 @@ def _safetensors_header(file: Path) -> tuple[dict[str, Any], int, int]:
     try:
         st = os.stat(file)
     except OSError as e:
-        raise _corrupt(file, f"cannot stat ({_one_line(e)})") from None
+        raise corrupt(file, f"cannot stat ({_one_line(e)})") from None
     if not stat.S_ISREG(st.st_mode):
-        raise _corrupt(file, "not a regular file")
+        raise corrupt(file, "not a regular file")
     size = st.st_size
     try:
         with file.open("rb") as f:
             prefix = f.read(_SAFETENSORS_LEN.size)
             if len(prefix) < _SAFETENSORS_LEN.size:
-                raise _corrupt(file, "shorter than a safetensors header")
+                raise corrupt(file, "shorter than a safetensors header")
             (header_len,) = _SAFETENSORS_LEN.unpack(prefix)
             if header_len > MAX_HEADER_BYTES or _SAFETENSORS_LEN.size + header_len > size:
-                raise _corrupt(file, "garbled safetensors header length")
+                raise corrupt(file, "garbled safetensors header length")
             raw = f.read(header_len)
     except OSError as e:
-        raise _corrupt(file, f"cannot read ({_one_line(e)})") from None
+        raise corrupt(file, f"cannot read ({_one_line(e)})") from None
     try:
         header = json.loads(raw)
     except ValueError:
-        raise _corrupt(file, "garbled safetensors header") from None
+        raise corrupt(file, "garbled safetensors header") from None
     if not isinstance(header, dict):
-        raise _corrupt(file, "garbled safetensors header")
+        raise corrupt(file, "garbled safetensors header")
     return header, header_len, size
 
 
 def _check_safetensors(file: Path) -> int:
     """The file's size, after checking that its header is whole and its tensors fit in it."""
-    header, header_len, size = _safetensors_header(file)
+    header, header_len, size = safetensors_header(file)
     data_size = size - _SAFETENSORS_LEN.size - header_len
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        entry = _tensor_entry(info)
+        entry = tensor_entry(info)
         if entry is None:
-            raise _corrupt(file, f"garbled entry for tensor {name!r}")
+            raise corrupt(file, f"garbled entry for tensor {name!r}")
         begin, end, expected = entry
         if end > data_size:
-            raise _corrupt(file, f"truncated: tensor {name!r} ends past the end of the file")
+            raise corrupt(file, f"truncated: tensor {name!r} ends past the end of the file")
         if end - begin != expected:
-            raise _corrupt(file, f"tensor {name!r} has {end - begin} bytes, expected {expected}")
+            raise corrupt(file, f"tensor {name!r} has {end - begin} bytes, expected {expected}")
     return size
 
 
-def _tensor_entry(info: object) -> tuple[int, int, int] | None:
+def tensor_entry(info: object) -> tuple[int, int, int] | None:
     """(begin, end, bytes its dtype and shape call for) of a header entry; None if garbled."""
     if not isinstance(info, dict):
         return None
@@ -370,7 +370,7 @@ def content_hash(path: Path) -> str:
             except OSError as e:
                 raise ExoError("model_unreadable", f"cannot read {file}: {_one_line(e)}") from None
     for file in weight_files(path):
-        header, header_len, size = _safetensors_header(file)
+        header, header_len, size = safetensors_header(file)
         add(file.name, json.dumps(header, sort_keys=True).encode() + size.to_bytes(8, "big"))
         add(file.name, _data_samples(file, _SAFETENSORS_LEN.size + header_len, size))
     return digest.hexdigest()
@@ -385,7 +385,7 @@ def _data_samples(file: Path, data_start: int, size: int) -> bytes:
             f.seek(max(data_start, size - SAMPLE_BYTES))
             return head + f.read(SAMPLE_BYTES)
     except OSError as e:
-        raise _corrupt(file, f"cannot read ({_one_line(e)})") from None
+        raise corrupt(file, f"cannot read ({_one_line(e)})") from None
 
 
 @functools.cache

@@ -50,6 +50,7 @@ STATUSES: dict[str, Status] = {
     "memory_limit": Status(503, retry_after=10),
     "killed": Status(503, retry_after=1),
     "crashed": Status(503, retry_after=1),
+    "rank_failed": Status(503, retry_after=1),
     "evicted": Status(503, retry_after=1),
     "idle": Status(503, retry_after=1),
     "interrupted": Status(503, retry_after=1),

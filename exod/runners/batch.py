@@ -37,6 +37,10 @@ MAX_REMEMBERED_CANCELS = 1024
 
 
 class BatchLoop:
+    # A failed step fails the requests in it, and the loop goes on with a fresh generator; a
+    # rank of a split model cannot (exod.runners.lockstep): its peers would step without it.
+    contain_failures = True
+
     def __init__(
         self, loaded: Loaded, load: runner_pb2.Load, channel: Channel, inbox: Inbox, stats: Stats
     ) -> None:
@@ -95,22 +99,30 @@ class BatchLoop:
             log.warning("ignoring %s from the daemon: the model is loaded already", which)
 
     def _accept(self, req: runner_pb2.Generate) -> None:
-        rid = req.request_id
+        request = self._admissible(req)
+        if request is not None:
+            self._enqueue(request)
+
+    def _admissible(self, req: runner_pb2.Generate) -> Request | None:
+        """The request, encoded and checked; None when refused (its RunnerError is sent, and
+        nobody else notices)."""
         try:
             tokenizer = self.loaded.tokenizer
             _, count = encode_prompt(req, tokenizer)
             check_request(
                 req, count, prompt_limit(self.loaded.context_length, req.max_prompt_tokens)
             )
-            request = Request(req, prompt_ids(req, tokenizer), tokenizer.detokenizer)
+            return Request(req, prompt_ids(req, tokenizer), tokenizer.detokenizer)
         except ExoError as e:
-            self.channel.error(e.reason, e.message, rid)
-            return
+            self.channel.error(e.reason, e.message, req.request_id)
         except Exception as e:
-            self._fail(rid, e)
-            return
-        if rid in self.cancelled:  # cancelled before it came
-            del self.cancelled[rid]
+            self._fail(req.request_id, e)
+        return None
+
+    def _enqueue(self, request: Request) -> None:
+        """An accepted request waits its turn, unless it was cancelled before it came."""
+        if request.rid in self.cancelled:
+            del self.cancelled[request.rid]
             self._end(request, "cancelled")
             return
         self.waiting.append(request)
@@ -141,7 +153,7 @@ class BatchLoop:
         while self.waiting and len(self.running) < self.parallel:
             request = self.waiting.popleft()
             try:
-                cache, cached = self.cache.fetch(request.prompt)
+                cache, cached = self._fetch_cache(request.prompt)
                 (uid,) = self.gen.insert(
                     [request.prompt[cached:]],
                     max_tokens=[request.req.max_tokens],
@@ -150,6 +162,8 @@ class BatchLoop:
                     samplers=[make_sampler(request.req)],
                 )
             except Exception as e:
+                if not self.contain_failures:
+                    raise
                 self._fail(request.rid, e)
                 continue
             request.cached_tokens = cached
@@ -165,6 +179,8 @@ class BatchLoop:
             prompt_responses, responses = self.gen.next()
             self.prefilling = bool(prompt_responses)
         except Exception as e:
+            if not self.contain_failures:
+                raise
             # A step is everyone's: all of them fail, and a fresh generator serves the next.
             log.exception("a batch step failed")
             for failed in self.running.values():
@@ -213,6 +229,10 @@ class BatchLoop:
         """Send all held text: the next step prefills, which may take seconds."""
         for request in self.running.values():
             request.flush(self.channel.send)
+
+    def _fetch_cache(self, prompt: list[int]) -> tuple[list[Any] | None, int]:
+        """The cache a request starts from, and how many of its prompt tokens that covers."""
+        return self.cache.fetch(prompt)
 
     def _keep_cache(self, kept: tuple[list[Any], list[int]] | None) -> None:
         if kept is None:

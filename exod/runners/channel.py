@@ -36,6 +36,9 @@ class Channel:
     def send(self, msg: runner_pb2.FromRunner) -> None:
         write_message_sync(self._sock, msg, self._lock)
 
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
     def progress(self, phase: str, current: int = 0, total: int = 0, request_id: str = "") -> None:
         progress = runner_pb2.LoadProgress(
             phase=phase, current=current, total=total, request_id=request_id
@@ -69,6 +72,13 @@ class Inbox:
     def next(self) -> runner_pb2.ToRunner:
         """The next message, waiting for it (the runner has nothing else to do)."""
         return self._queue.get()
+
+    def wait(self, timeout: float) -> runner_pb2.ToRunner | None:
+        """The next message, waiting at most `timeout` seconds for it; None if none came."""
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
 
     def poll(self) -> runner_pb2.ToRunner | None:
         """The next message if one has come, else None at once (the batch is running)."""

@@ -75,46 +75,70 @@ def load(model_path: str, channel: Channel) -> Loaded:
     Raises ExoError with the reason the load failed.
     """
     start = time.perf_counter()
-    channel.progress("started")
-    path = Path(model_path)
-    # Cheap checks first (ExoError when they fail), and safe ones: mx.load would block forever
-    # on a named pipe.
-    inspect_model(path)
-
-    # MLX loads only now: a runner that is refused above never pays for it.
-    import mlx.core as mx
-    from mlx_lm.utils import load_model, load_tokenizer
-
-    channel.progress("imported")
-    try:
-        # What mlx_lm.load does, with lazy=True so that the layers can be evaluated one by one.
-        model, config = load_model(path, lazy=True, trust_remote_code=False)
-    except Exception as e:
-        reason = load_error_reason(e)
-        raise ExoError(reason, load_error_message(reason, path, e)) from e
-
-    layers = list(getattr(model, "layers", []))
-    try:
-        for i, layer in enumerate(layers, start=1):
-            mx.eval(layer.parameters())
-            channel.progress("weights", i, len(layers))
-        mx.eval(model.parameters())  # embeddings, final norm, head
-    except Exception as e:
-        raise ExoError("weights_corrupt", load_error_message("weights_corrupt", path, e)) from e
-    if not layers:
-        channel.progress("weights", 1, 1)
-
-    try:
-        eos_token_ids = config.get("eos_token_id", None)
-        tokenizer = load_tokenizer(path, None, eos_token_ids=eos_token_ids)  # type: ignore[no-untyped-call]  # mlx-lm leaves it unannotated
-    except Exception as e:
-        raise ExoError("model_unreadable", load_error_message("model_unreadable", path, e)) from e
-    channel.progress("tokenizer")
+    path = begin(model_path, channel)
+    # What mlx_lm.load does, with lazy=True so that the layers can be evaluated one by one.
+    model, config = load_lazily(path)
+    evaluate(model, list(getattr(model, "layers", [])), path, channel)
+    tokenizer = load_tokenizer(path, config, channel)
     try:
         kv_bytes = kv_bytes_per_token(model)
     except Exception as e:  # a model whose one-token forward pass fails cannot generate either
         raise ExoError("weights_corrupt", load_error_message("weights_corrupt", path, e)) from e
     return Loaded(model, tokenizer, context_length(config), time.perf_counter() - start, kv_bytes)
+
+
+def begin(model_path: str, channel: Channel) -> Path:
+    """The first phases of every load: the cheap checks, then MLX's import."""
+    channel.progress("started")
+    path = Path(model_path)
+    # Cheap checks first (ExoError when they fail), and safe ones: mx.load would block forever
+    # on a named pipe.
+    inspect_model(path)
+    # MLX loads only now: a runner that is refused above never pays for it.
+    import mlx.core  # noqa: F401  # the import is the phase
+
+    channel.progress("imported")
+    return path
+
+
+def load_lazily(path: Path, **options: Any) -> tuple[Any, dict[str, Any]]:
+    """mlx_lm.utils.load_model(path, lazy=True, **options): the model with its weights unread."""
+    from mlx_lm.utils import load_model
+
+    try:
+        model, config = load_model(path, lazy=True, trust_remote_code=False, **options)
+    except Exception as e:
+        reason = load_error_reason(e)
+        raise ExoError(reason, load_error_message(reason, path, e)) from e
+    return model, config
+
+
+def evaluate(model: Any, layers: list[Any], path: Path, channel: Channel) -> None:
+    """Read the weights: layer by layer (each a "weights" progress), then the rest (embeddings,
+    final norm, head)."""
+    import mlx.core as mx
+
+    try:
+        for i, layer in enumerate(layers, start=1):
+            mx.eval(layer.parameters())
+            channel.progress("weights", i, len(layers))
+        mx.eval(model.parameters())
+    except Exception as e:
+        raise ExoError("weights_corrupt", load_error_message("weights_corrupt", path, e)) from e
+    if not layers:
+        channel.progress("weights", 1, 1)
+
+
+def load_tokenizer(path: Path, config: dict[str, Any], channel: Channel) -> Any:
+    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
+
+    try:
+        eos_token_ids = config.get("eos_token_id")
+        tokenizer = mlx_load_tokenizer(path, None, eos_token_ids=eos_token_ids)  # type: ignore[no-untyped-call]  # mlx-lm leaves it unannotated
+    except Exception as e:
+        raise ExoError("model_unreadable", load_error_message("model_unreadable", path, e)) from e
+    channel.progress("tokenizer")
+    return tokenizer
 
 
 def kv_bytes_per_token(model: Any) -> int:

@@ -5,7 +5,9 @@
 The daemon spawns it with one end of a socket pair as fd N, in a new process group. Messages are
 framed by exod.runners.pipe: ToRunner in, FromRunner out. Threads:
   - main: the handshake, the load (exod.runners.load), then the batch loop
-    (exod.runners.batch): every generation runs here, where MLX runs;
+    (exod.runners.batch): every generation runs here, where MLX runs. One rank of a model
+    split over several runners (Load.rank) loads its part (exod.runners.rank_load) and steps
+    in lockstep with the other ranks (exod.runners.lockstep);
   - pipe-reader: reads every frame into the Inbox, and on end of stream (the daemon is gone)
     kills the runner's whole process group (exod.runners.channel);
   - heartbeat: a Heartbeat every second, so that the daemon can tell a busy runner from a hung
@@ -31,6 +33,8 @@ from exod.errors import REASONS, Exit, ExoError
 from exod.proto.exo.v1 import runner_pb2
 from exod.runners.channel import Channel, Inbox, Stats, heartbeat
 from exod.runners.load import load
+from exod.runners.rank_load import load_rank
+from exod.runners.ring import Ring
 
 log = logging.getLogger("exod.runner")
 
@@ -90,18 +94,27 @@ def serve(channel: Channel, inbox: Inbox) -> int:
     if msg.WhichOneof("msg") != "load":
         channel.error("internal", f"expected Load, got {msg.WhichOneof('msg')}: restart exod")
         return Exit.INTERNAL
+    return run_model(msg.load, channel, inbox, stats)
+
+
+def run_model(load_msg: runner_pb2.Load, channel: Channel, inbox: Inbox, stats: Stats) -> int:
+    """Load the model (or this rank's part of it), say Ready, then serve until told to stop."""
+    ring: Ring | None = None
     try:
-        loaded = load(msg.load.model_path, channel)
+        if load_msg.HasField("rank"):
+            loaded, ring = load_rank(load_msg, channel)
+        else:
+            loaded = load(load_msg.model_path, channel)
     except ExoError as e:
-        log.exception("load of %s failed (%s)", msg.load.model_path, e.reason)
+        log.exception("load of %s failed (%s)", load_msg.model_path, e.reason)
         channel.error(e.reason, e.message)
         return REASONS[e.reason].exit
-    if msg.load.mlx_cache_limit > 0:
+    if load_msg.mlx_cache_limit > 0:
         import mlx.core as mx
 
         # BatchGenerator empties MLX's buffer cache only every few hundred steps; unbounded, the
         # cache alone could take the runner past its memory cap.
-        mx.set_cache_limit(msg.load.mlx_cache_limit)
+        mx.set_cache_limit(load_msg.mlx_cache_limit)
     ready = runner_pb2.Ready(
         context_length=loaded.context_length,
         has_chat_template=bool(loaded.tokenizer.has_chat_template),
@@ -109,11 +122,14 @@ def serve(channel: Channel, inbox: Inbox) -> int:
         kv_bytes_per_token=loaded.kv_bytes_per_token,
     )
     channel.send(runner_pb2.FromRunner(ready=ready))
-    log.info("loaded %s in %.2f s", msg.load.model_path, loaded.load_s)
+    log.info("loaded %s in %.2f s", load_msg.model_path, loaded.load_s)
 
     from exod.runners.batch import BatchLoop
+    from exod.runners.lockstep import RankLoop
 
-    return BatchLoop(loaded, msg.load, channel, inbox, stats).run()
+    if ring is None:
+        return BatchLoop(loaded, load_msg, channel, inbox, stats).run()
+    return RankLoop(loaded, load_msg, channel, inbox, stats, ring=ring).run()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -346,6 +346,9 @@ class FakeControl(control_pb2_grpc.ControlServicer):
     ) -> control_pb2.ClusterReply:
         raise NotImplementedError
 
+    def Place(self, request: control_pb2.PlaceRequest, context: Any) -> control_pb2.PlaceReply:
+        raise NotImplementedError
+
 
 @pytest.fixture
 def fake() -> Iterator[tuple[FakeControl, str]]:

@@ -44,7 +44,7 @@ def test_a_lazy_command_is_listed_and_suggested() -> None:
     )
     assert help_.returncode == 0, help_.stderr
     listed = [line.split()[0] for line in help_.stdout.split("Commands:")[1].splitlines() if line]
-    assert listed == ["cluster", "events", "kill", "models", "run", "service", "status"]
+    assert listed == ["cluster", "events", "kill", "models", "place", "run", "service", "status"]
     typo = subprocess.run(
         [sys.executable, "-m", "exoctl", "modles"], capture_output=True, text=True, check=False
     )

@@ -89,6 +89,11 @@ class ControlStub:
                 request_serializer=exo_dot_v1_dot_control__pb2.ClusterLeaveRequest.SerializeToString,
                 response_deserializer=exo_dot_v1_dot_control__pb2.ClusterReply.FromString,
                 _registered_method=True)
+        self.Place = channel.unary_unary(
+                '/exo.v1.Control/Place',
+                request_serializer=exo_dot_v1_dot_control__pb2.PlaceRequest.SerializeToString,
+                response_deserializer=exo_dot_v1_dot_control__pb2.PlaceReply.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -169,6 +174,15 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Place(self, request, context):
+        """Where a model would run over this node and the members it reaches now, without running
+        anything (`exoctl place`). A plan that cannot be made is an answer too (`refused`); only a
+        model that cannot be found or read fails the call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -226,6 +240,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ClusterLeave,
                     request_deserializer=exo_dot_v1_dot_control__pb2.ClusterLeaveRequest.FromString,
                     response_serializer=exo_dot_v1_dot_control__pb2.ClusterReply.SerializeToString,
+            ),
+            'Place': grpc.unary_unary_rpc_method_handler(
+                    servicer.Place,
+                    request_deserializer=exo_dot_v1_dot_control__pb2.PlaceRequest.FromString,
+                    response_serializer=exo_dot_v1_dot_control__pb2.PlaceReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -525,6 +544,33 @@ class Control:
             '/exo.v1.Control/ClusterLeave',
             exo_dot_v1_dot_control__pb2.ClusterLeaveRequest.SerializeToString,
             exo_dot_v1_dot_control__pb2.ClusterReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Place(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exo.v1.Control/Place',
+            exo_dot_v1_dot_control__pb2.PlaceRequest.SerializeToString,
+            exo_dot_v1_dot_control__pb2.PlaceReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,11 @@ class ControlStub:
     """Leave the cluster: the CA's node removes this node, then it forgets its TLS files. The
     reply names the cluster it left.
     """
+    Place: _grpc.UnaryUnaryMultiCallable[_control_pb2.PlaceRequest, _control_pb2.PlaceReply]
+    """Where a model would run over this node and the members it reaches now, without running
+    anything (`exoctl place`). A plan that cannot be made is an answer too (`refused`); only a
+    model that cannot be found or read fails the call.
+    """
 
 @_typing.type_check_only
 class ControlAsyncStub(ControlStub):
@@ -81,6 +86,11 @@ class ControlAsyncStub(ControlStub):
     ClusterLeave: _aio.UnaryUnaryMultiCallable[_control_pb2.ClusterLeaveRequest, _control_pb2.ClusterReply]  # type: ignore[assignment]
     """Leave the cluster: the CA's node removes this node, then it forgets its TLS files. The
     reply names the cluster it left.
+    """
+    Place: _aio.UnaryUnaryMultiCallable[_control_pb2.PlaceRequest, _control_pb2.PlaceReply]  # type: ignore[assignment]
+    """Where a model would run over this node and the members it reaches now, without running
+    anything (`exoctl place`). A plan that cannot be made is an answer too (`refused`); only a
+    model that cannot be found or read fails the call.
     """
 
 class ControlServicer(metaclass=_abc_1.ABCMeta):
@@ -170,6 +180,17 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_control_pb2.ClusterReply, _abc.Awaitable[_control_pb2.ClusterReply]]:
         """Leave the cluster: the CA's node removes this node, then it forgets its TLS files. The
         reply names the cluster it left.
+        """
+
+    @_abc_1.abstractmethod
+    def Place(
+        self,
+        request: _control_pb2.PlaceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.PlaceReply, _abc.Awaitable[_control_pb2.PlaceReply]]:
+        """Where a model would run over this node and the members it reaches now, without running
+        anything (`exoctl place`). A plan that cannot be made is an answer too (`refused`); only a
+        model that cannot be found or read fails the call.
         """
 
 def add_ControlServicer_to_server(servicer: ControlServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

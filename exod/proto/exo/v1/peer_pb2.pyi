@@ -180,6 +180,8 @@ class PeerHelloReply(_message.Message):
     CALLER_ORIGIN_SEQ_FIELD_NUMBER: _builtins.int
     OWN_ORIGIN_SEQ_FIELD_NUMBER: _builtins.int
     CALLER_LAST_DIGEST_FIELD_NUMBER: _builtins.int
+    MEMORY_RESERVED_BYTES_FIELD_NUMBER: _builtins.int
+    RUNNER_MEMORY_CAP_BYTES_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.str
     node_id: _builtins.str
     name: _builtins.str
@@ -198,6 +200,13 @@ class PeerHelloReply(_message.Message):
     digest of the same event in the caller's own log means the caller's home is a copy that has
     written on since.
     """
+    memory_reserved_bytes: _builtins.int
+    """Of memory_free_bytes, what this node keeps from its runners (EXOD_RESERVED_MEMORY), and the
+    most one runner may hold there (EXOD_MAX_RUNNER_MEMORY): placement counts a member's room
+    as free less reserved, at most the cap. A peer before these fields sends 0: no reserve, no
+    cap known.
+    """
+    runner_memory_cap_bytes: _builtins.int
     @_builtins.property
     def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___Member]:
         """the members this node knows, itself first"""
@@ -214,10 +223,12 @@ class PeerHelloReply(_message.Message):
         caller_origin_seq: _builtins.int = ...,
         own_origin_seq: _builtins.int = ...,
         caller_last_digest: _builtins.bytes = ...,
+        memory_reserved_bytes: _builtins.int = ...,
+        runner_memory_cap_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller_last_digest", b"caller_last_digest", "caller_origin_seq", b"caller_origin_seq", "members", b"members", "memory_free_bytes", b"memory_free_bytes", "memory_total_bytes", b"memory_total_bytes", "name", b"name", "node_id", b"node_id", "own_origin_seq", b"own_origin_seq", "protocol_version", b"protocol_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller_last_digest", b"caller_last_digest", "caller_origin_seq", b"caller_origin_seq", "members", b"members", "memory_free_bytes", b"memory_free_bytes", "memory_reserved_bytes", b"memory_reserved_bytes", "memory_total_bytes", b"memory_total_bytes", "name", b"name", "node_id", b"node_id", "own_origin_seq", b"own_origin_seq", "protocol_version", b"protocol_version", "runner_memory_cap_bytes", b"runner_memory_cap_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -302,19 +313,27 @@ class PeerHeartbeat(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     MEMORY_FREE_BYTES_FIELD_NUMBER: _builtins.int
     MEMORY_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_RESERVED_BYTES_FIELD_NUMBER: _builtins.int
+    RUNNER_MEMORY_CAP_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     memory_free_bytes: _builtins.int
     memory_total_bytes: _builtins.int
+    memory_reserved_bytes: _builtins.int
+    """as in PeerHelloReply"""
+    runner_memory_cap_bytes: _builtins.int
+    """as in PeerHelloReply"""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         memory_free_bytes: _builtins.int = ...,
         memory_total_bytes: _builtins.int = ...,
+        memory_reserved_bytes: _builtins.int = ...,
+        runner_memory_cap_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_free_bytes", b"memory_free_bytes", "memory_total_bytes", b"memory_total_bytes", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_free_bytes", b"memory_free_bytes", "memory_reserved_bytes", b"memory_reserved_bytes", "memory_total_bytes", b"memory_total_bytes", "name", b"name", "runner_memory_cap_bytes", b"runner_memory_cap_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -543,3 +562,191 @@ class RemoveReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RemoveReply: _TypeAlias = RemoveReply  # noqa: Y015
+
+@_typing.final
+class HasModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.str
+    key: _builtins.str
+    """a ModelManifest's key"""
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.str = ...,
+        key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "protocol_version", b"protocol_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HasModelRequest: _TypeAlias = HasModelRequest  # noqa: Y015
+
+@_typing.final
+class HasModelReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    HAVE_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.str
+    have: _builtins.bool
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.str = ...,
+        have: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["have", b"have", "protocol_version", b"protocol_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HasModelReply: _TypeAlias = HasModelReply  # noqa: Y015
+
+@_typing.final
+class ModelFile(_message.Message):
+    """One file of a model directory: its path relative to the directory ('/'-separated, no '..',
+    not absolute), its size, and the SHA-256 of its whole content.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    size: _builtins.int
+    sha256: _builtins.bytes
+    """32 bytes"""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        size: _builtins.int = ...,
+        sha256: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelFile: _TypeAlias = ModelFile  # noqa: Y015
+
+@_typing.final
+class ModelManifest(_message.Message):
+    """What a push holds. `key` is the hex SHA-256 of the manifest's canonical text (one line
+    "<sha256 hex> <size> <path>" per file, sorted by path; exod/models/manifest.py): the
+    receiver computes it again from `files` and refuses a push whose key does not match.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelFile]: ...
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        files: _abc.Iterable[Global___ModelFile] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelManifest: _TypeAlias = ModelManifest  # noqa: Y015
+
+@_typing.final
+class ModelData(_message.Message):
+    """Bytes of one file, at most 1 MiB, in order: `offset` is what was sent of that file before."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    offset: _builtins.int
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelData: _TypeAlias = ModelData  # noqa: Y015
+
+@_typing.final
+class ModelChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    MANIFEST_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.str
+    """on the first message (the manifest)"""
+    @_builtins.property
+    def manifest(self) -> Global___ModelManifest:
+        """the first message, and only it"""
+
+    @_builtins.property
+    def data(self) -> Global___ModelData: ...
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.str = ...,
+        manifest: Global___ModelManifest | None = ...,
+        data: Global___ModelData | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "manifest", b"manifest", "msg", b"msg"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "manifest", b"manifest", "msg", b"msg", "protocol_version", b"protocol_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["manifest", "data"]  # noqa: Y015
+    _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
+
+Global___ModelChunk: _TypeAlias = ModelChunk  # noqa: Y015
+
+@_typing.final
+class PushModelReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    HAD_FIELD_NUMBER: _builtins.int
+    BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.str
+    had: _builtins.bool
+    """held already: nothing was read"""
+    bytes_received: _builtins.int
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.str = ...,
+        had: _builtins.bool = ...,
+        bytes_received: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "had", b"had", "protocol_version", b"protocol_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushModelReply: _TypeAlias = PushModelReply  # noqa: Y015

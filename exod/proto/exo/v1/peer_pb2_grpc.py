@@ -74,6 +74,16 @@ class PeerStub:
                 request_serializer=exo_dot_v1_dot_peer__pb2.RemoveRequest.SerializeToString,
                 response_deserializer=exo_dot_v1_dot_peer__pb2.RemoveReply.FromString,
                 _registered_method=True)
+        self.HasModel = channel.unary_unary(
+                '/exo.v1.Peer/HasModel',
+                request_serializer=exo_dot_v1_dot_peer__pb2.HasModelRequest.SerializeToString,
+                response_deserializer=exo_dot_v1_dot_peer__pb2.HasModelReply.FromString,
+                _registered_method=True)
+        self.PushModel = channel.stream_unary(
+                '/exo.v1.Peer/PushModel',
+                request_serializer=exo_dot_v1_dot_peer__pb2.ModelChunk.SerializeToString,
+                response_deserializer=exo_dot_v1_dot_peer__pb2.PushModelReply.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -140,6 +150,24 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HasModel(self, request, context):
+        """Whether this node's model cache holds the model directory `key` complete. A sender asks
+        first, so that nothing is streamed that is held already; a yes counts as a use (LRU).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushModel(self, request_iterator, context):
+        """A model directory (one rank's part of a split model) for this node's model cache: a
+        ModelManifest first, then the files' bytes in order. Each file's SHA-256 is computed while
+        it streams; any mismatch, overrun, path outside the directory, or stream that ends short
+        leaves nothing behind. A key held already is answered at once (`had`), its chunks unread.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -182,6 +210,16 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Remove,
                     request_deserializer=exo_dot_v1_dot_peer__pb2.RemoveRequest.FromString,
                     response_serializer=exo_dot_v1_dot_peer__pb2.RemoveReply.SerializeToString,
+            ),
+            'HasModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.HasModel,
+                    request_deserializer=exo_dot_v1_dot_peer__pb2.HasModelRequest.FromString,
+                    response_serializer=exo_dot_v1_dot_peer__pb2.HasModelReply.SerializeToString,
+            ),
+            'PushModel': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushModel,
+                    request_deserializer=exo_dot_v1_dot_peer__pb2.ModelChunk.FromString,
+                    response_serializer=exo_dot_v1_dot_peer__pb2.PushModelReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -400,6 +438,60 @@ class Peer:
             '/exo.v1.Peer/Remove',
             exo_dot_v1_dot_peer__pb2.RemoveRequest.SerializeToString,
             exo_dot_v1_dot_peer__pb2.RemoveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HasModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/exo.v1.Peer/HasModel',
+            exo_dot_v1_dot_peer__pb2.HasModelRequest.SerializeToString,
+            exo_dot_v1_dot_peer__pb2.HasModelReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushModel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/exo.v1.Peer/PushModel',
+            exo_dot_v1_dot_peer__pb2.ModelChunk.SerializeToString,
+            exo_dot_v1_dot_peer__pb2.PushModelReply.FromString,
             options,
             channel_credentials,
             insecure,

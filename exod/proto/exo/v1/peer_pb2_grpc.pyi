@@ -67,6 +67,16 @@ class PeerStub:
     """`exoctl cluster remove NODE` run on a member: the CA's node writes its signed NodeRemoved.
     Only on the CA's node.
     """
+    HasModel: _grpc.UnaryUnaryMultiCallable[_peer_pb2.HasModelRequest, _peer_pb2.HasModelReply]
+    """Whether this node's model cache holds the model directory `key` complete. A sender asks
+    first, so that nothing is streamed that is held already; a yes counts as a use (LRU).
+    """
+    PushModel: _grpc.StreamUnaryMultiCallable[_peer_pb2.ModelChunk, _peer_pb2.PushModelReply]
+    """A model directory (one rank's part of a split model) for this node's model cache: a
+    ModelManifest first, then the files' bytes in order. Each file's SHA-256 is computed while
+    it streams; any mismatch, overrun, path outside the directory, or stream that ends short
+    leaves nothing behind. A key held already is answered at once (`had`), its chunks unread.
+    """
 
 @_typing.type_check_only
 class PeerAsyncStub(PeerStub):
@@ -97,6 +107,16 @@ class PeerAsyncStub(PeerStub):
     Remove: _aio.UnaryUnaryMultiCallable[_peer_pb2.RemoveRequest, _peer_pb2.RemoveReply]  # type: ignore[assignment]
     """`exoctl cluster remove NODE` run on a member: the CA's node writes its signed NodeRemoved.
     Only on the CA's node.
+    """
+    HasModel: _aio.UnaryUnaryMultiCallable[_peer_pb2.HasModelRequest, _peer_pb2.HasModelReply]  # type: ignore[assignment]
+    """Whether this node's model cache holds the model directory `key` complete. A sender asks
+    first, so that nothing is streamed that is held already; a yes counts as a use (LRU).
+    """
+    PushModel: _aio.StreamUnaryMultiCallable[_peer_pb2.ModelChunk, _peer_pb2.PushModelReply]  # type: ignore[assignment]
+    """A model directory (one rank's part of a split model) for this node's model cache: a
+    ModelManifest first, then the files' bytes in order. Each file's SHA-256 is computed while
+    it streams; any mismatch, overrun, path outside the directory, or stream that ends short
+    leaves nothing behind. A key held already is answered at once (`had`), its chunks unread.
     """
 
 class PeerServicer(metaclass=_abc_1.ABCMeta):
@@ -173,6 +193,28 @@ class PeerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_peer_pb2.RemoveReply, _abc.Awaitable[_peer_pb2.RemoveReply]]:
         """`exoctl cluster remove NODE` run on a member: the CA's node writes its signed NodeRemoved.
         Only on the CA's node.
+        """
+
+    @_abc_1.abstractmethod
+    def HasModel(
+        self,
+        request: _peer_pb2.HasModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.HasModelReply, _abc.Awaitable[_peer_pb2.HasModelReply]]:
+        """Whether this node's model cache holds the model directory `key` complete. A sender asks
+        first, so that nothing is streamed that is held already; a yes counts as a use (LRU).
+        """
+
+    @_abc_1.abstractmethod
+    def PushModel(
+        self,
+        request_iterator: _MaybeAsyncIterator[_peer_pb2.ModelChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_peer_pb2.PushModelReply, _abc.Awaitable[_peer_pb2.PushModelReply]]:
+        """A model directory (one rank's part of a split model) for this node's model cache: a
+        ModelManifest first, then the files' bytes in order. Each file's SHA-256 is computed while
+        it streams; any mismatch, overrun, path outside the directory, or stream that ends short
+        leaves nothing behind. A key held already is answered at once (`had`), its chunks unread.
         """
 
 def add_PeerServicer_to_server(servicer: PeerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -160,6 +160,7 @@ class Load(_message.Message):
     PROMPT_CACHE_BYTES_FIELD_NUMBER: _builtins.int
     MLX_CACHE_LIMIT_FIELD_NUMBER: _builtins.int
     STREAM_INTERVAL_S_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
     model_path: _builtins.str
     parallel: _builtins.int
     """how many generations may run at once (EXOD_PARALLEL); 0: 1"""
@@ -169,6 +170,13 @@ class Load(_message.Message):
     """mx.set_cache_limit for MLX's buffer cache; 0: MLX's default"""
     stream_interval_s: _builtins.float
     """a request's text goes out at most this often (EXOD_STREAM_INTERVAL)"""
+    @_builtins.property
+    def rank(self) -> Global___Rank:
+        """Set: this runner is one rank of a model split over MLX's ring; model_path may then hold
+        only this rank's layers (plus embeddings, final norm, head, config and tokenizer).
+        Unset: the runner holds the whole model.
+        """
+
     def __init__(
         self,
         *,
@@ -177,18 +185,62 @@ class Load(_message.Message):
         prompt_cache_bytes: _builtins.int = ...,
         mlx_cache_limit: _builtins.int = ...,
         stream_interval_s: _builtins.float = ...,
+        rank: Global___Rank | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rank", b"rank"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mlx_cache_limit", b"mlx_cache_limit", "model_path", b"model_path", "parallel", b"parallel", "prompt_cache_bytes", b"prompt_cache_bytes", "stream_interval_s", b"stream_interval_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mlx_cache_limit", b"mlx_cache_limit", "model_path", b"model_path", "parallel", b"parallel", "prompt_cache_bytes", b"prompt_cache_bytes", "rank", b"rank", "stream_interval_s", b"stream_interval_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Load: _TypeAlias = Load  # noqa: Y015
 
 @_typing.final
+class Rank(_message.Message):
+    """One rank of a pipeline split (mlx-lm's order: rank 0 holds the LAST layers, the last rank the
+    first). Rank 0 answers the daemon; the others follow it in lockstep over the ring.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANK_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    HOSTS_FIELD_NUMBER: _builtins.int
+    RING_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    rank: _builtins.int
+    size: _builtins.int
+    ring_timeout_s: _builtins.float
+    """the ring must form within this; 0: only the daemon's load limits"""
+    @_builtins.property
+    def split(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """layers per rank, by rank; the sum is the model's layer count"""
+
+    @_builtins.property
+    def hosts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"ip:port" of each rank's ring socket, by rank"""
+
+    def __init__(
+        self,
+        *,
+        rank: _builtins.int = ...,
+        size: _builtins.int = ...,
+        split: _abc.Iterable[_builtins.int] | None = ...,
+        hosts: _abc.Iterable[_builtins.str] | None = ...,
+        ring_timeout_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hosts", b"hosts", "rank", b"rank", "ring_timeout_s", b"ring_timeout_s", "size", b"size", "split", b"split"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rank: _TypeAlias = Rank  # noqa: Y015
+
+@_typing.final
 class LoadProgress(_message.Message):
-    """Progress by phase: "started", "imported", "weights", "tokenizer", "prefill".
+    """Progress by phase: "started", "imported", "weights", "tokenizer", "ring" (a rank waits for
+    every rank to join the ring), "prefill".
     Layers and prefill carry current/total.
     """
 
@@ -433,8 +485,9 @@ class RunnerError(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     reason: _builtins.str
-    """model_unsupported, weights_corrupt, model_unreadable, prompt_too_long, internal"""
+    """model_unsupported, weights_corrupt, model_unreadable, prompt_too_long,"""
     message: _builtins.str
+    """rank_failed (the ring to another rank broke), internal"""
     def __init__(
         self,
         *,
@@ -483,3 +536,87 @@ class Heartbeat(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class RingStep(_message.Message):
+    """What rank 0 shares with every other rank before each step of the batch, over the ring as
+    protobuf bytes (never pickle: the ring is unauthenticated): what the daemon sent since the last
+    step, in the order it came, after rank 0's own checks. Every rank applies it the same way, so
+    that every rank's batch holds the same requests at every step.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    SHUTDOWN_FIELD_NUMBER: _builtins.int
+    shutdown: _builtins.bool
+    """the daemon asked rank 0 to stop: every rank exits 0"""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___RingEvent]: ...
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___RingEvent] | None = ...,
+        shutdown: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "shutdown", b"shutdown"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RingStep: _TypeAlias = RingStep  # noqa: Y015
+
+@_typing.final
+class RingEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATE_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    cancel: _builtins.str
+    """a request_id"""
+    @_builtins.property
+    def generate(self) -> Global___RingRequest: ...
+    def __init__(
+        self,
+        *,
+        generate: Global___RingRequest | None = ...,
+        cancel: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "event", b"event", "generate", b"generate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "event", b"event", "generate", b"generate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["generate", "cancel"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___RingEvent: _TypeAlias = RingEvent  # noqa: Y015
+
+@_typing.final
+class RingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATE_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def generate(self) -> Global___Generate:
+        """a request rank 0 accepted; seeded by rank 0 when sampled"""
+
+    @_builtins.property
+    def prompt(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """its prompt's token ids, as rank 0 encoded them"""
+
+    def __init__(
+        self,
+        *,
+        generate: Global___Generate | None = ...,
+        prompt: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["generate", b"generate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generate", b"generate", "prompt", b"prompt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RingRequest: _TypeAlias = RingRequest  # noqa: Y015

@@ -1,0 +1,116 @@
+"""The receiving side of the peer calls HasModel and PushModel: a member sends this node a model
+directory (a rank's part of a split model) for its model cache.
+
+The caller's certificate was checked before any of this runs (peer_server.CertificateCheck).
+The first message is the manifest: checked whole (paths, sizes, its key) before room is made for
+it; a key held already is answered at once, its chunks unread. Files are written and hashed as
+they arrive (exod/models/receive.py); on any refusal, and when the sender hangs up, what was
+written is deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
+
+from exod.cluster.protocol import PROTOCOL_VERSION, check_version
+from exod.errors import ExoError
+from exod.models.cache import ModelCache
+from exod.models.manifest import KEY, Manifest, ManifestFile, check_manifest
+from exod.models.receive import Receiver
+from exod.proto.exo.v1 import peer_pb2
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def manifest_of(message: peer_pb2.ModelManifest, receiving: str) -> tuple[str, Manifest]:
+    """(key, manifest) from a push's first message; weights_corrupt saying why it cannot be."""
+    files = [ManifestFile(f.path, f.size, f.sha256) for f in message.files]
+    why = check_manifest(message.key, files)
+    if why is not None:
+        raise ExoError(
+            "weights_corrupt",
+            f"{receiving}: its manifest cannot be taken, as {why}; nothing was written",
+        )
+    return message.key, Manifest(tuple(sorted(files, key=lambda f: f.path)))
+
+
+def has(cache: ModelCache, request: peer_pb2.HasModelRequest) -> peer_pb2.HasModelReply:
+    check_version(request.protocol_version, "the sending node")
+    if not KEY.fullmatch(request.key):
+        raise ExoError("invalid_argument", f"{request.key[:80]!r} is not a model's content key")
+    return peer_pb2.HasModelReply(protocol_version=PROTOCOL_VERSION, have=cache.has(request.key))
+
+
+async def receive(
+    cache: ModelCache, requests: AsyncIterator[peer_pb2.ModelChunk], sender: str
+) -> peer_pb2.PushModelReply:
+    """Take one pushed model into the cache from `sender` (a node id); ExoError when it is
+    refused (nothing kept)."""
+    first = await anext(requests, None)
+    if first is None or not first.HasField("manifest"):
+        raise ExoError(
+            "invalid_argument",
+            f"node {cache.node_id} refused a model from node {sender}: its first message was "
+            "not the manifest; nothing was written",
+        )
+    check_version(first.protocol_version, f"node {sender}")
+    shown = first.manifest.key[:16]
+    receiving = f"node {cache.node_id} refused model {shown}… from node {sender}"
+    key, manifest = manifest_of(first.manifest, receiving)
+    if await asyncio.to_thread(cache.has, key):
+        return peer_pb2.PushModelReply(protocol_version=PROTOCOL_VERSION, had=True)
+    incoming = await asyncio.to_thread(cache.reserve, key, manifest.total)
+    receiver = Receiver(incoming.path, manifest, receiving)
+    # One chunk is written and hashed in a thread while the next one is read off the stream.
+    writing: asyncio.Future[None] | None = None
+    try:
+        async for chunk in requests:
+            if not chunk.HasField("data"):
+                raise ExoError("invalid_argument", f"{receiving}: it sent a second manifest")
+            if writing is not None:
+                await _settled(writing)
+            data = chunk.data
+            writing = _in_thread(receiver.write, data.path, data.offset, data.data)
+        if writing is not None:
+            await _settled(writing)
+        await _settled(_in_thread(receiver.finish))
+        await _settled(_in_thread(incoming.commit))
+    except BaseException:
+        # Also when the sender hangs up (the call is cancelled): nothing half-written stays,
+        # and nothing is deleted under a write still going.
+        if writing is not None:
+            await asyncio.wait({writing})
+            writing.exception()  # retrieved: an error of it is not the one that ends the call
+        receiver.close()
+        incoming.abort()
+        raise
+    log.info(
+        "received model %s from node %s: %d files, %d bytes",
+        shown,
+        sender,
+        len(manifest.files),
+        receiver.received,
+    )
+    return peer_pb2.PushModelReply(
+        protocol_version=PROTOCOL_VERSION, had=False, bytes_received=receiver.received
+    )
+
+
+def _in_thread(work: Callable[..., T], *args: object) -> asyncio.Future[T]:
+    return asyncio.ensure_future(asyncio.to_thread(work, *args))
+
+
+async def _settled(work: asyncio.Future[T]) -> T:
+    """What the thread's work returned. When the call is cancelled meanwhile (the sender hung
+    up), the thread is waited for before the cancellation goes on: the cleanup that follows
+    must not race a write still going (a file made after the directory was deleted, a
+    descriptor closed under it)."""
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait({work})
+        raise
