@@ -18,72 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ beside exod/
+from bench.node import BenchNode  # after the path above
 from exod.eventlog import EventStore
 from exod.proto.exo.v1 import events_pb2
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Node:
+class Node(BenchNode):
     def __init__(self, work: Path, name: str, address: str) -> None:
-        self.home = work / name
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("EXOD_")},
-            "EXOD_HOME": str(self.home),
-            "EXOD_SOCKET": str(work / f"{name}.sock"),
-            "EXOD_HTTP_PORT": "0",
-            "EXOD_PEER_BIND": address,
-            "EXOD_PEER_PORT": str(free_port(address)),
-            "EXOD_JOIN_PORT": str(free_port(address)),
-            "EXOD_PEER_TIMEOUT": "2",
-            "EXOD_LOG_LEVEL": "warning",
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "exod"],
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.exoctl("status", "--wait", "60")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def exoctl(self, *args: str) -> str:
-        out = subprocess.run(
-            [sys.executable, "-m", "exoctl", *args],
-            env=self.env,
-            capture_output=True,
-            check=True,
-            text=True,
-        )
-        return out.stdout
+        super().__init__(work, name, address, EXOD_PEER_TIMEOUT="2")
 
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.exoctl("status", "--json"))

@@ -26,14 +26,13 @@ import asyncio
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ beside exod/
+from bench.node import BenchNode  # after the path above
 from exod.cluster import pki, tls_store, weights_push
 from exod.eventlog.fold import MemberView
 
@@ -42,58 +41,9 @@ SENDER = "n-bench0000000"
 FILES = 4
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Member:
+class Member(BenchNode):
     def __init__(self, work: Path) -> None:
-        self.home = work / "member"
-        self.port = free_port(ADDRESS)
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("EXOD_")},
-            "EXOD_HOME": str(self.home),
-            "EXOD_SOCKET": str(work / "member.sock"),
-            "EXOD_HTTP_PORT": "0",
-            "EXOD_MDNS_INTERFACES": "127.0.0.1",
-            "EXOD_PEER_BIND": ADDRESS,
-            "EXOD_PEER_PORT": str(self.port),
-            "EXOD_JOIN_PORT": str(free_port(ADDRESS)),
-            "EXOD_LOG_LEVEL": "warning",
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "exod"],
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.exoctl("status", "--wait", "60")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def exoctl(self, *args: str) -> str:
-        out = subprocess.run(
-            [sys.executable, "-m", "exoctl", *args],
-            env=self.env,
-            capture_output=True,
-            check=True,
-            text=True,
-        )
-        return out.stdout
+        super().__init__(work, "member", ADDRESS)
 
     def member_view(self) -> MemberView:
         node_id = json.loads(self.exoctl("status", "--json"))["node_id"]
