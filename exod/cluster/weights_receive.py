@@ -63,7 +63,14 @@ async def receive(
     key, manifest = manifest_of(first.manifest, receiving)
     if await asyncio.to_thread(cache.has, key):
         return peer_pb2.PushModelReply(protocol_version=PROTOCOL_VERSION, had=True)
-    incoming = await asyncio.to_thread(cache.reserve, key, manifest.total)
+    reserving = _in_thread(cache.reserve, key, manifest.total)
+    try:
+        incoming = await _settled(reserving)
+    except asyncio.CancelledError:
+        # The sender hung up while the directory was being made: it must not stay behind.
+        if reserving.exception() is None:
+            reserving.result().abort()
+        raise
     receiver = Receiver(incoming.path, manifest, receiving)
     # One chunk is written and hashed in a thread while the next one is read off the stream.
     writing: asyncio.Future[None] | None = None

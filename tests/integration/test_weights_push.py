@@ -600,8 +600,12 @@ def test_a_file_that_shrinks_after_it_was_hashed_is_the_senders_error(
     async def scenario(member: Member) -> tuple[ExoError, list[str]]:
         with pytest.raises(ExoError) as failed:
             await weights_push.push(material, member.view, source, timeout=5.0, manifest=manifest)
-        for _ in range(100):  # the member ends its side when the call is cancelled
-            if not member.kept():
+        # The member may still be starting its side when the sender gave up: wait until its
+        # home has stayed empty a while (it ends its side when the call ends), at most 5 s.
+        empty_for = 0
+        for _ in range(250):
+            empty_for = 0 if member.kept() else empty_for + 1
+            if empty_for >= 15:
                 break
             await asyncio.sleep(0.02)
         return failed.value, member.kept()
