@@ -57,6 +57,7 @@ class Settings:
     node_name: str
     peer_port: int
     join_port: int
+    ring_port: int
     peer_bind: str
     peer_timeout: float
     cert_lifetime: int
@@ -418,6 +419,14 @@ SETTINGS: tuple[Setting, ...] = (
         _peer_port,
         "TCP port a node joining with an invite calls (TLS; it can only present the invite); "
         "open on every member, which passes the join on to the node holding the CA key",
+    ),
+    Setting(
+        "ring_port",
+        "EXOD_RING_PORT",
+        lambda env: "52418",
+        _peer_port,
+        "TCP port, on EXOD_PEER_BIND's address, of the MLX ring of the split model this node "
+        "runs a rank of (plaintext, unauthenticated; open only while one runs)",
     ),
     Setting(
         "peer_bind",

@@ -16,6 +16,7 @@ import secrets
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
+from exod.cluster.instances import Instances
 from exod.config import Settings
 from exod.errors import ExoError
 from exod.eventlog import StoreError
@@ -177,6 +178,8 @@ class Runs:
         supervisor: Supervisor,
         secret: bytes,
         awake: KeepAwake | None = None,
+        *,
+        instances: Instances | None = None,
     ) -> None:
         self.settings = settings
         self.journal = journal
@@ -184,12 +187,16 @@ class Runs:
         self._secret = secret
         # Told of each run where it is logged as accepted and as finished: every end goes there.
         self.awake = awake if awake is not None else KeepAwake(None)
+        # Where a model split over members is started (none: every model runs whole here).
+        self.instances = instances
         self._ending: set[asyncio.Task[None]] = set()  # cancelled runs awaiting their end
 
     async def start(self, request: control_pb2.RunRequest) -> Run:
         """Admit a run and queue it on its model's runner; raises ExoError when refused."""
         self.journal.check_writable("accept runs")
         files = await self._admit(request)
+        if self.instances is not None and request.on:
+            await self.instances.ensure(request.model, files, list(request.on))
         # --force skips the estimate, never the cap: the supervisor still enforces that.
         need = None if request.force else admission.estimate(files.weight_bytes)
         run_id = "run-" + secrets.token_hex(4)

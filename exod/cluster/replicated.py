@@ -37,6 +37,8 @@ REPLICATED_KINDS: frozenset[str] = frozenset(
         "ClusterEntered",
         "NodeJoined",
         "NodeRemoved",
+        "InstancePlaced",
+        "InstanceEnded",
     }
 )
 
