@@ -263,6 +263,7 @@ def test_status_json_has_the_documented_shape_and_every_runner() -> None:
         "warnings",
         "cluster",
         "nodes",
+        "instances",
         "runners",
     }
     assert obj["cluster"] is None  # outside a cluster
