@@ -195,7 +195,9 @@ class Runs:
         """Admit a run and queue it on its model's runner; raises ExoError when refused."""
         self.journal.check_writable("accept runs")
         files = await self._admit(request)
-        if self.instances is not None and request.on:
+        if self.instances is not None:
+            # --on places it; else a model that fits here runs whole here as ever, and one
+            # that does not is split over the members when the plan says so.
             await self.instances.ensure(request.model, files, list(request.on))
         # --force skips the estimate, never the cap: the supervisor still enforces that.
         need = None if request.force else admission.estimate(files.weight_bytes)

@@ -98,14 +98,26 @@ class Instances:
 
     async def ensure(self, model: str, files: ModelFiles, forced: list[str]) -> None:
         """Start the instance that runs `model` split, when the plan splits it and no runner
-        runs it here yet; nothing when it runs whole here. ExoError when it cannot start (every
-        rank started is ended again then)."""
+        runs it here yet; nothing when it runs whole here. Without `forced` (no --on), only a
+        plan that splits it counts: anything else leaves the run to this node's own admission,
+        as outside a cluster. ExoError when it cannot start (every rank started is ended again
+        then)."""
         if any(not node for node in forced):
             raise ExoError("invalid_argument", "an empty node id in --on: give node ids")
+        if not forced and self._cluster.info() is None:
+            return  # no cluster: every model runs whole here
         async with self._lock:
             if self._supervisor.live_for(str(files.path)) is not None:
                 return  # loaded here already (whole, or as rank 0 of an instance)
-            plan = await self.planner.plan(files, forced)
+            try:
+                plan = await self.planner.plan(files, forced)
+            except ExoError:
+                if forced:
+                    raise
+                return  # a model placement cannot read runs, or fails, here as ever
+            if not forced and (plan.whole_on is not None or plan.refused is not None):
+                # Not split: the run goes on here, and admission says what it says of it.
+                return
             ranks = _ranks_here(plan, self._id)
             if not ranks:
                 return

@@ -85,12 +85,30 @@ class RankHost:
                 ),
             )
             return
+        refusal = self._check_ring(start)
+        if refusal is not None:
+            yield state("ended", error=refusal)
+            return
         self._running = start.instance_id
         try:
             async for down in self._run(start, requests, caller):
                 yield down
         finally:
             self._running = None
+
+    def _check_ring(self, start: peer_pb2.RankStart) -> ExoError | None:
+        """The ring socket the coordinator gave this rank must be this node's ring port: the
+        coordinator uses its own EXOD_RING_PORT for every rank."""
+        if not 0 < start.rank < len(start.hosts) or len(start.hosts) != start.size:
+            return ExoError("invalid_argument", "a Rank start whose rank has no ring address")
+        port = start.hosts[start.rank].rpartition(":")[2]
+        if port != str(self._settings.ring_port):
+            return ExoError(
+                "invalid_argument",
+                f"node {self._id} has EXOD_RING_PORT={self._settings.ring_port}, the coordinator "
+                f"{port}: set the same EXOD_RING_PORT on every member",
+            )
+        return None
 
     async def _run(
         self, start: peer_pb2.RankStart, requests: AsyncIterator[peer_pb2.RankUp], caller: str
