@@ -22,6 +22,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 
@@ -33,7 +34,7 @@ from exod.cluster.planning import Planner
 from exod.cluster.protocol import PROTOCOL_VERSION
 from exod.cluster.weights_push import push_layers
 from exod.config import Settings
-from exod.errors import ExoError
+from exod.errors import REASON_KEY, REASONS, ExoError
 from exod.eventlog import StoreError
 from exod.eventlog.fold import MemberView
 from exod.journal import Journal
@@ -240,7 +241,14 @@ class Instances:
         call = stub.Rank(self._up(instance, start))
         link.call = call
         link.replies = aiter(call)
-        down = await self._read(link, timeout)
+        try:
+            down: peer_pb2.RankDown | None = await asyncio.wait_for(anext(link.replies), timeout)
+        except (TimeoutError, StopAsyncIteration):
+            down = None
+        except grpc.aio.AioRpcError as e:
+            if e.code() not in _GONE:
+                raise _refusal(e, member.id) from None
+            down = None
         if down is None:
             raise ExoError(
                 "peer_unreachable",
@@ -398,6 +406,25 @@ class Instances:
                 )
             out.append(info)
         return out
+
+
+_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+
+
+def _refusal(e: grpc.aio.AioRpcError, member: str) -> ExoError:
+    """A member's refusal of its rank, as it gave it."""
+    # (key, value) pairs at run time, whatever grpc-stubs says of aio's Metadata.
+    pairs = cast("list[tuple[str, str | bytes]]", list(e.trailing_metadata() or ()))
+    reason = next((v for k, v in pairs if k == REASON_KEY), "")
+    if isinstance(reason, str) and reason in REASONS:
+        return ExoError(reason, f"node {member} refused its rank: {e.details()}")
+    if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+        return ExoError(
+            "protocol_mismatch",
+            f"node {member} runs an earlier exod that cannot run a rank of a split model: "
+            "upgrade exod there, or leave it out of --on",
+        )
+    return ExoError("internal", f"node {member} failed to start its rank: {e.details()}")
 
 
 # Reasons rank 0's runner may be stopped for (exod/errors.py): anything else is rank_failed.

@@ -79,9 +79,10 @@ class RankHost:
                 "ended",
                 error=ExoError(
                     "rank_failed",
-                    f"node {self._id} runs a rank of instance {self._running} already, and runs "
-                    "one split model at a time (one ring port, EXOD_RING_PORT): end that one "
-                    f"(`exoctl kill {self._running}`) or place this one elsewhere",
+                    f"it runs a rank of instance {self._running} already, and runs one split "
+                    "model at a time (one ring port, EXOD_RING_PORT): end that one "
+                    f"(`exoctl kill {self._running}` on its coordinator) or place this one "
+                    "elsewhere",
                 ),
             )
             return
@@ -105,8 +106,8 @@ class RankHost:
         if port != str(self._settings.ring_port):
             return ExoError(
                 "invalid_argument",
-                f"node {self._id} has EXOD_RING_PORT={self._settings.ring_port}, the coordinator "
-                f"{port}: set the same EXOD_RING_PORT on every member",
+                f"its EXOD_RING_PORT is {self._settings.ring_port}, the coordinator's {port}: "
+                "set the same EXOD_RING_PORT on every member",
             )
         return None
 

@@ -173,6 +173,24 @@ def test_split_text_equals_the_single_node_text(pair: Pair) -> None:
     assert answer.json()["choices"][0]["text"] + "\n" == whole
 
 
+def test_a_second_split_model_on_a_member_is_refused_with_75(pair: Pair) -> None:
+    other = copy_model(pair.model)
+    before = [r["id"] for r in _alive_runners(pair.a)]
+    result = pair.a.daemon.exoctl(
+        "run", str(other), PROMPT, "--raw", "--max-tokens", "5", "--on", _on(pair)
+    )
+    assert result.code == 75, result
+    assert result.stdout == b""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"exoctl: node {pair.b.id} refused rank 1: it runs a rank of instance")
+    assert "one split model at a time" in line
+    assert "Traceback" not in result.stderr
+    # Nothing of it was started here; the first instance runs on.
+    assert [r["id"] for r in _alive_runners(pair.a)] == before
+    (instance,) = pair.a.daemon.status()["instances"]
+    assert instance["model"] == "split"
+
+
 def test_kill_of_the_instance_ends_every_rank(pair: Pair) -> None:
     _kill_instance(pair)
     kinds = [e["kind"] for e in pair.a.daemon.events()]
