@@ -159,12 +159,14 @@ class RankHost:
             closed.set()
 
         reader = asyncio.create_task(read())
+        beat = timeout / 3
         try:
             yield state("spawned", runner.id)
-            told_ready = False
+            told_ready, sent = False, time.monotonic()
             while True:
+                # Looked at twice per beat: a lapse is seen within a sixth of the timeout.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(runner.ended.wait(), timeout / 3)
+                    await asyncio.wait_for(runner.ended.wait(), beat / 2)
                 if runner.ready_at is not None and not told_ready:
                     told_ready = True
                     yield state("ready", runner.id)
@@ -184,7 +186,9 @@ class RankHost:
                         f"nothing came from the coordinator for {timeout:g}s (EXOD_PEER_TIMEOUT)",
                     )
                     return
-                yield peer_pb2.RankDown(heartbeat=self._heartbeat())
+                if time.monotonic() - sent >= beat:
+                    sent = time.monotonic()
+                    yield peer_pb2.RankDown(heartbeat=self._heartbeat())
         finally:
             reader.cancel()
 
