@@ -454,6 +454,7 @@ def done_json(done: control_pb2.RunDone) -> dict[str, Any]:
         "tokens_per_s": done.tokens_per_s,
         "stop_reason": done.stop_reason,
         "cached_tokens": done.cached_tokens,
+        "instance": done.instance or None,
     }
 
 

@@ -158,7 +158,9 @@ class Run:
         self.finished = True
         if isinstance(item, runner_pb2.Done):
             self.runs.finish(self.id, item.stop_reason, "", item)
+            runner = self.runs.supervisor.runners.get(self.runner_id)
             return control_pb2.RunDone(
+                instance=runner.instance if runner is not None else "",
                 prompt_tokens=item.prompt_tokens,
                 generation_tokens=item.generation_tokens,
                 ttft_s=item.ttft_s,

@@ -142,6 +142,7 @@ class Instances:
             instance.runner = await self._supervisor.start_rank(
                 model, str(files.path), rank, ranks[0].bytes
             )
+            instance.runner.instance = instance.id
         except ExoError as e:
             await self._end(instance, e.reason, e.message)
             raise

@@ -90,6 +90,7 @@ class Runner:
     # Set: one rank of a split model (exod/cluster/instances.py). A rank other than 0 takes no
     # jobs and is never idle here: its lease from the coordinator decides when it ends.
     rank: runner_pb2.Rank | None = None
+    instance: str = ""  # the instance (i-…) it is rank 0 of, on the coordinator
 
     @property
     def pid(self) -> int:

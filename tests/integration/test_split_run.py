@@ -159,6 +159,11 @@ def test_split_text_equals_the_single_node_text(pair: Pair) -> None:
     (b_runner,) = _alive_runners(pair.b)
     assert "/cache/models/" in b_runner["model_path"]
     assert instance["ranks"][1]["runner"] == b_runner["id"]
+    # --json's done line names the instance.
+    lines = pair.a.daemon.ok(
+        "run", "split", PROMPT, "--raw", "--max-tokens", "30", "--json"
+    ).json_lines()
+    assert lines[-1]["type"] == "done" and lines[-1]["instance"] == instance["id"]
     # A run without --on finds the model loaded: the same instance serves it.
     again = pair.a.daemon.ok("run", "split", PROMPT, "--raw", "--max-tokens", "30")
     assert again.text == whole
@@ -245,6 +250,20 @@ def test_sigkill_of_a_members_rank_runner_ends_every_rank(pair: Pair) -> None:
     _kill_instance(pair)
 
 
+def test_sigkill_of_rank_0_ends_every_rank(pair: Pair) -> None:
+    run = _long_split_run(pair)
+    (a_runner,) = _alive_runners(pair.a)
+    (b_runner,) = _alive_runners(pair.b)
+    started = time.monotonic()
+    os.kill(a_runner["pid"], signal.SIGKILL)
+    result = _ends_as_one(pair, run, started)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert pids_alive([b_runner["pid"]]) == []
+    ended = [e for e in pair.a.daemon.events() if e["kind"] == "InstanceEnded"]
+    assert ended[-1]["reason"] == "rank_failed", ended[-1]
+    assert pair.a.daemon.status()["instances"] == []
+
+
 def test_a_member_gone_silent_ends_every_rank_within_the_peer_timeout(pair: Pair) -> None:
     # B's exod stops answering (a Mac asleep, a cable pulled): its lease lapses on A.
     run = _long_split_run(pair)
@@ -289,6 +308,7 @@ def test_sigkill_of_a_members_exod_ends_every_rank(pair: Pair) -> None:
 
 
 def test_three_nodes_make_the_single_node_text(pair: Pair, tmp_path: Path) -> None:
+    _kill_instance(pair)
     c = _node(tmp_path / "c", "127.0.0.4", int(_ring_port(pair)), "2G")
     try:
         c.daemon.start()

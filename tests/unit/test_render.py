@@ -469,6 +469,7 @@ def test_run_json_lines() -> None:
         "tokens_per_s": 30.0,
         "stop_reason": "stop",
         "cached_tokens": 3,
+        "instance": None,
     }
     assert render.error_json("crashed", "runner died", 75) == {
         "type": "error",

@@ -199,6 +199,7 @@ class RunDone(_message.Message):
     TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     STOP_REASON_FIELD_NUMBER: _builtins.int
     CACHED_TOKENS_FIELD_NUMBER: _builtins.int
+    INSTANCE_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
     generation_tokens: _builtins.int
     ttft_s: _builtins.float
@@ -207,6 +208,8 @@ class RunDone(_message.Message):
     """stop, length"""
     cached_tokens: _builtins.int
     """prompt tokens reused from the prompt cache"""
+    instance: _builtins.str
+    """the split model's instance (i-…) it ran on; empty: a whole model"""
     def __init__(
         self,
         *,
@@ -216,10 +219,11 @@ class RunDone(_message.Message):
         tokens_per_s: _builtins.float = ...,
         stop_reason: _builtins.str = ...,
         cached_tokens: _builtins.int = ...,
+        instance: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "generation_tokens", b"generation_tokens", "prompt_tokens", b"prompt_tokens", "stop_reason", b"stop_reason", "tokens_per_s", b"tokens_per_s", "ttft_s", b"ttft_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "generation_tokens", b"generation_tokens", "instance", b"instance", "prompt_tokens", b"prompt_tokens", "stop_reason", b"stop_reason", "tokens_per_s", b"tokens_per_s", "ttft_s", b"ttft_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
