@@ -26,7 +26,7 @@ from typing import cast
 
 import grpc
 
-from exod.cluster import tls_store
+from exod.cluster import tls_store, versions
 from exod.cluster.control import Cluster
 from exod.cluster.peer_server import KEEPALIVE, endpoint
 from exod.cluster.placement import Plan, Rank
@@ -237,6 +237,7 @@ class Instances:
             split=_split(instance.ranks),
             hosts=hosts,
             ring_timeout_s=self._ring_timeout(),
+            versions=versions.ours(),
         )
         stub = peer_pb2_grpc.PeerStub(link.channel)
         call = stub.Rank(self._up(instance, start))

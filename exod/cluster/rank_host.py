@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+from exod.cluster import versions
 from exod.cluster.protocol import check_version
 from exod.config import Settings
 from exod.errors import ExoError
@@ -58,6 +59,7 @@ class RankHost:
         self._supervisor = supervisor
         self._cache = cache
         self._running: str | None = None  # the instance whose rank runs here
+        self._versions = versions.ours()
 
     def _heartbeat(self) -> peer_pb2.PeerHeartbeat:
         return peer_pb2.PeerHeartbeat(name=self._settings.node_name)
@@ -86,7 +88,7 @@ class RankHost:
                 ),
             )
             return
-        refusal = self._check_ring(start)
+        refusal = self._check_ring(start) or self._check_versions(start)
         if refusal is not None:
             yield state("ended", error=refusal)
             return
@@ -110,6 +112,16 @@ class RankHost:
                 "set the same EXOD_RING_PORT on every member",
             )
         return None
+
+    def _check_versions(self, start: peer_pb2.RankStart) -> ExoError | None:
+        differ = versions.mismatch(dict(start.versions), self._versions)
+        if differ is None:
+            return None
+        return ExoError(
+            "protocol_mismatch",
+            f"every rank of a split model must run the same exod, mlx and mlx-lm: {differ}; "
+            "install the same versions on every member",
+        )
 
     async def _run(
         self, start: peer_pb2.RankStart, requests: AsyncIterator[peer_pb2.RankUp], caller: str

@@ -759,6 +759,26 @@ class RankStart(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class VersionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
@@ -767,6 +787,7 @@ class RankStart(_message.Message):
     SPLIT_FIELD_NUMBER: _builtins.int
     HOSTS_FIELD_NUMBER: _builtins.int
     RING_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     key: _builtins.str
     model: _builtins.str
@@ -782,6 +803,12 @@ class RankStart(_message.Message):
     def hosts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """"ip:port" of each rank's ring socket, by rank"""
 
+    @_builtins.property
+    def versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The coordinator's exod, mlx and mlx-lm versions, by name: a member whose own differ refuses
+        the rank (every rank must compute alike).
+        """
+
     def __init__(
         self,
         *,
@@ -793,10 +820,11 @@ class RankStart(_message.Message):
         split: _abc.Iterable[_builtins.int] | None = ...,
         hosts: _abc.Iterable[_builtins.str] | None = ...,
         ring_timeout_s: _builtins.float = ...,
+        versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hosts", b"hosts", "instance_id", b"instance_id", "key", b"key", "model", b"model", "rank", b"rank", "ring_timeout_s", b"ring_timeout_s", "size", b"size", "split", b"split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hosts", b"hosts", "instance_id", b"instance_id", "key", b"key", "model", b"model", "rank", b"rank", "ring_timeout_s", b"ring_timeout_s", "size", b"size", "split", b"split", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
