@@ -258,6 +258,8 @@ async def serve(settings: Settings) -> None:
         instances = Instances(
             settings, node_id, journal, supervisor, cluster=cluster, planner=planner
         )
+        if cluster.ranks is not None:
+            cluster.ranks.coordinating = instances.coordinating
         runs = Runs(settings, journal, supervisor, secret, awake, instances=instances)
         node = Node(
             id=node_id,

@@ -130,6 +130,7 @@ class Instances:
             raise ExoError(
                 "invalid_argument", "this node is in no cluster: it cannot split a model"
             )
+        self._one_ring_at_a_time()
         links = [Link(r, self._member(r.node)) for r in ranks[1:]]
         instance = Instance("i-" + secrets.token_hex(4), model, str(files.path), ranks, links)
         self._log_placed(instance)
@@ -153,6 +154,22 @@ class Instances:
         instance.tasks.append(asyncio.create_task(self._watch_rank0(instance)))
         for link in links:
             instance.tasks.append(asyncio.create_task(self._watch_link(instance, link)))
+
+    def coordinating(self) -> str | None:
+        """The instance this node coordinates, if any."""
+        return next(iter(self.instances), None)
+
+    def _one_ring_at_a_time(self) -> None:
+        """Rank 0 listens on this node's ring port, which one split model at a time holds."""
+        ranks = self._cluster.ranks
+        held = self.coordinating() or (ranks.running if ranks else None)
+        if held is not None:
+            raise ExoError(
+                "rank_failed",
+                f"this node runs a rank of instance {held} already, and runs one split model at "
+                f"a time (one ring port, EXOD_RING_PORT): end that one (`exoctl kill {held}` on "
+                "its coordinator) or run this one from another node",
+            )
 
     def _member(self, node: str) -> MemberView:
         member = self._journal.state.members.get(node)

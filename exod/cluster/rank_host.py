@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from exod.cluster import versions
 from exod.cluster.protocol import check_version
@@ -59,7 +59,14 @@ class RankHost:
         self._supervisor = supervisor
         self._cache = cache
         self._running: str | None = None  # the instance whose rank runs here
+        # The instance this node coordinates, if any (its rank 0 holds the ring port too).
+        self.coordinating: Callable[[], str | None] = lambda: None
         self._versions = versions.ours()
+
+    @property
+    def running(self) -> str | None:
+        """The instance whose rank runs here for a coordinator, if any."""
+        return self._running
 
     def _heartbeat(self) -> peer_pb2.PeerHeartbeat:
         return peer_pb2.PeerHeartbeat(name=self._settings.node_name)
@@ -76,14 +83,15 @@ class RankHost:
         if first.WhichOneof("msg") != "start":
             raise ExoError("invalid_argument", "a Rank stream starts with `start`")
         start = first.start
-        if self._running is not None:
+        held = self._running or self.coordinating()
+        if held is not None:
             yield state(
                 "ended",
                 error=ExoError(
                     "rank_failed",
-                    f"it runs a rank of instance {self._running} already, and runs one split "
+                    f"it runs a rank of instance {held} already, and runs one split "
                     "model at a time (one ring port, EXOD_RING_PORT): end that one "
-                    f"(`exoctl kill {self._running}` on its coordinator) or place this one "
+                    f"(`exoctl kill {held}` on its coordinator) or place this one "
                     "elsewhere",
                 ),
             )

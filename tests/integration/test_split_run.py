@@ -178,22 +178,27 @@ def test_split_text_equals_the_single_node_text(pair: Pair) -> None:
     assert answer.json()["choices"][0]["text"] + "\n" == whole
 
 
-def test_a_second_split_model_on_a_member_is_refused_with_75(pair: Pair) -> None:
+def test_a_second_split_model_is_refused_with_75_while_one_runs(pair: Pair) -> None:
+    # One ring port per node: neither the coordinator nor a member of a running instance
+    # starts another.
     other = copy_model(pair.model)
-    before = [r["id"] for r in _alive_runners(pair.a)]
-    result = pair.a.daemon.exoctl(
-        "run", str(other), PROMPT, "--raw", "--max-tokens", "5", "--on", _on(pair)
-    )
-    assert result.code == 75, result
-    assert result.stdout == b""
-    (line,) = result.stderr.strip().splitlines()
-    assert line.startswith(f"exoctl: node {pair.b.id} refused rank 1: it runs a rank of instance")
-    assert "one split model at a time" in line
-    assert "Traceback" not in result.stderr
-    # Nothing of it was started here; the first instance runs on.
-    assert [r["id"] for r in _alive_runners(pair.a)] == before
     (instance,) = pair.a.daemon.status()["instances"]
-    assert instance["model"] == "split"
+    before = [r["id"] for r in _alive_runners(pair.a)]
+    for node, on in ((pair.a, _on(pair)), (pair.b, f"{pair.b.id},{pair.a.id}")):
+        result = node.daemon.exoctl(
+            "run", str(other), PROMPT, "--raw", "--max-tokens", "5", "--on", on
+        )
+        assert result.code == 75, result
+        assert result.stdout == b""
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(
+            f"exoctl: this node runs a rank of instance {instance['id']} already"
+        ), line
+        assert "one split model at a time" in line
+    # Nothing of them was started; the first instance runs on.
+    assert [r["id"] for r in _alive_runners(pair.a)] == before
+    assert [i["id"] for i in pair.a.daemon.status()["instances"]] == [instance["id"]]
+    assert pair.b.daemon.status()["instances"] == []
 
 
 def test_kill_of_the_instance_ends_every_rank(pair: Pair) -> None:
@@ -325,6 +330,28 @@ def test_three_nodes_make_the_single_node_text(pair: Pair, tmp_path: Path) -> No
         assert sum(r["layers"][1] - r["layers"][0] + 1 for r in instance["ranks"]) == LAYERS
         (c_runner,) = _alive_runners(c)
         pair.a.daemon.ok("kill", instance["id"])
+        assert wait_until(lambda: _alive_runners(c) == [], 10, poll=0.2)
+        # A member that runs a rank refuses another coordinator's rank: C asks B while A's
+        # instance holds B's ring port.
+        pair.a.daemon.ok("run", "split", PROMPT, "--raw", "--max-tokens", "5", "--on", _on(pair))
+        (held,) = pair.a.daemon.status()["instances"]
+        refused = c.daemon.exoctl(
+            "run",
+            str(pair.model),
+            PROMPT,
+            "--raw",
+            "--max-tokens",
+            "5",
+            "--on",
+            f"{c_id},{pair.b.id}",
+        )
+        assert refused.code == 75, refused
+        (line,) = refused.stderr.strip().splitlines()
+        assert line.startswith(
+            f"exoctl: node {pair.b.id} refused rank 1: it runs a rank of instance {held['id']}"
+        ), line
+        assert _alive_runners(c) == [] and c.daemon.status()["instances"] == []
+        pair.a.daemon.ok("kill", held["id"])
         assert wait_until(lambda: _all_gone(pair) and _alive_runners(c) == [], 10, poll=0.2)
         assert pids_alive([c_runner["pid"]]) == []
     finally:
