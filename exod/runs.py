@@ -116,6 +116,7 @@ class Run:
     job: Job
     runs: Runs
     finished: bool = False
+    instance: str = ""  # the split model's instance whose rank 0 runs it (empty: whole)
 
     def close(self) -> None:
         """Cancel the run unless it has ended; safe to call any number of times.
@@ -158,9 +159,8 @@ class Run:
         self.finished = True
         if isinstance(item, runner_pb2.Done):
             self.runs.finish(self.id, item.stop_reason, "", item)
-            runner = self.runs.supervisor.runners.get(self.runner_id)
             return control_pb2.RunDone(
-                instance=runner.instance if runner is not None else "",
+                instance=self.instance,
                 prompt_tokens=item.prompt_tokens,
                 generation_tokens=item.generation_tokens,
                 ttft_s=item.ttft_s,
@@ -243,7 +243,9 @@ class Runs:
         except StoreError as e:  # RunnerSpawned could not be logged; the runner is gone again
             raise store_failure(e) from e
         runner_id, position = placed[0]
-        return Run(run_id, runner_id, position, job, self)
+        runner = self.supervisor.runners.get(runner_id)
+        instance = runner.instance if runner is not None else ""
+        return Run(run_id, runner_id, position, job, self, instance=instance)
 
     def _default_stop(self, model: str) -> list[str]:
         """The stop sequences registered with a model (an Ollama import's), for runs that give
