@@ -631,6 +631,12 @@ def load(flags: Mapping[str, str | None], environ: Mapping[str, str] | None = No
             f"{named['peer_port']} and {named['join_port']} are both {values['peer_port']}: "
             "the peer port (mutual TLS) and the join port (invites) must differ"
         )
+    for other in ("peer_port", "join_port"):
+        if values["ring_port"] == values[other]:
+            raise ConfigError(
+                f"{named['ring_port']} and {named[other]} are both {values['ring_port']}: the "
+                "ring port of split models must differ from the peer and join ports"
+            )
     # Shares of the runner cap are resolved once the cap is known.
     for name in ("prompt_cache_bytes", "mlx_cache_limit"):
         values[name] = values[name].of(values["max_runner_memory"])
