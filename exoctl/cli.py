@@ -105,6 +105,13 @@ def _read_prompt(argument: str | None) -> str:
     help="Start the model even if exod estimates it will not fit in memory now; the runner "
     "memory cap (EXOD_MAX_RUNNER_MEMORY) is still enforced.",
 )
+@click.option(
+    "--on",
+    "on",
+    metavar="ID,ID",
+    help="Run it on these nodes: several split it, rank 0 (the last layers) on the first, "
+    "which must be this node (see `exoctl place`).",
+)
 @json_option
 @socket_option
 def run_command(
@@ -116,6 +123,7 @@ def run_command(
     seed: int | None,
     raw: bool,
     force: bool,
+    on: str | None,
     as_json: bool,
     socket: Path | None,
 ) -> None:
@@ -137,9 +145,14 @@ def run_command(
     """
     from exoctl.arguments import explain_unknown_name, resolve_model
     from exoctl.failures import Failure
+    from exoctl.place import parse_on
     from exoctl.run import RunOutput, generate
     from exoctl.terminal import StatusLine
 
+    try:
+        nodes = parse_on(on) if on is not None else []
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--on'") from None
     out = RunOutput(sys.stdout.buffer, StatusLine(sys.stderr), as_json=as_json)
     try:
         request = control_pb2.RunRequest(
@@ -151,6 +164,7 @@ def run_command(
             seed=seed or 0,
             raw=raw,
             force=force,
+            on=nodes,
         )
         with connect(socket) as client:
             generate(client, request, out)

@@ -205,6 +205,7 @@ def status_lines(reply: control_pb2.StatusReply, *, show_all: bool, now: float) 
     if reply.HasField("cluster"):
         lines.append(f"cluster {reply.cluster.id}  CA {reply.cluster.ca_fingerprint}")
         lines += node_lines(reply.nodes, now)
+        lines += instance_lines(reply.instances)
     shown = [r for r in reply.runners if show_all or not has_ended(r)]
     hidden = len(reply.runners) - len(shown)
     if shown:
@@ -234,6 +235,7 @@ def status_json(reply: control_pb2.StatusReply) -> dict[str, Any]:
         "warnings": [{"code": w.code, "message": w.message} for w in reply.warnings],
         "cluster": cluster_json(reply.cluster) if reply.HasField("cluster") else None,
         "nodes": [node_json(n) for n in reply.nodes],
+        "instances": [instance_json(i) for i in reply.instances],
         "runners": [
             {
                 "id": r.id,
@@ -255,6 +257,47 @@ def status_json(reply: control_pb2.StatusReply) -> dict[str, Any]:
             for r in reply.runners
         ],
     }
+
+
+def instance_json(i: control_pb2.InstanceInfo) -> dict[str, Any]:
+    return {
+        "id": i.id,
+        "model": i.model,
+        "state": i.state,
+        "coordinator": i.coordinator,
+        "ranks": [
+            {
+                "rank": r.rank,
+                "node": r.node,
+                "runner": r.runner or None,
+                "layers": [r.first_layer, r.last_layer],
+                "state": r.state,
+            }
+            for r in i.ranks
+        ],
+    }
+
+
+# The columns of the INSTANCES section of `exoctl status`: one row per rank.
+INSTANCE_COLUMNS = ("INSTANCE", "MODEL", "RANK", "NODE", "LAYERS", "RUNNER", "STATE")
+
+
+def instance_lines(instances: Sequence[control_pb2.InstanceInfo]) -> list[str]:
+    """The split models this node coordinates, a row per rank (none: no section)."""
+    rows = [
+        [
+            i.id,
+            cut(i.model),
+            str(r.rank),
+            r.node,
+            f"{r.first_layer}-{r.last_layer}",
+            r.runner or "-",
+            r.state,
+        ]
+        for i in instances
+        for r in i.ranks
+    ]
+    return ["INSTANCES", *table(INSTANCE_COLUMNS, rows)] if rows else []
 
 
 # The columns of the NODES section of `exoctl status` in a cluster (docs/cli.md).
@@ -411,6 +454,7 @@ def done_json(done: control_pb2.RunDone) -> dict[str, Any]:
         "tokens_per_s": done.tokens_per_s,
         "stop_reason": done.stop_reason,
         "cached_tokens": done.cached_tokens,
+        "instance": done.instance or None,
     }
 
 

@@ -57,6 +57,7 @@ class Settings:
     node_name: str
     peer_port: int
     join_port: int
+    ring_port: int
     peer_bind: str
     peer_timeout: float
     cert_lifetime: int
@@ -420,6 +421,14 @@ SETTINGS: tuple[Setting, ...] = (
         "open on every member, which passes the join on to the node holding the CA key",
     ),
     Setting(
+        "ring_port",
+        "EXOD_RING_PORT",
+        lambda env: "52418",
+        _peer_port,
+        "TCP port, on EXOD_PEER_BIND's address, of the MLX ring of the split model this node "
+        "runs a rank of (plaintext, unauthenticated; open only while one runs)",
+    ),
+    Setting(
         "peer_bind",
         "EXOD_PEER_BIND",
         lambda env: "0.0.0.0",  # noqa: S104  # peers on the LAN must reach it; mTLS guards it
@@ -622,6 +631,12 @@ def load(flags: Mapping[str, str | None], environ: Mapping[str, str] | None = No
             f"{named['peer_port']} and {named['join_port']} are both {values['peer_port']}: "
             "the peer port (mutual TLS) and the join port (invites) must differ"
         )
+    for other in ("peer_port", "join_port"):
+        if values["ring_port"] == values[other]:
+            raise ConfigError(
+                f"{named['ring_port']} and {named[other]} are both {values['ring_port']}: the "
+                "ring port of split models must differ from the peer and join ports"
+            )
     # Shares of the runner cap are resolved once the cap is known.
     for name in ("prompt_cache_bytes", "mlx_cache_limit"):
         values[name] = values[name].of(values["max_runner_memory"])

@@ -28,6 +28,8 @@ from exod.cluster import tls_store
 from exod.cluster.control import CannotListen, Cluster, tls_dir
 from exod.cluster.discovery import DiscoveryError
 from exod.cluster.finder import Finder
+from exod.cluster.instances import Instances
+from exod.cluster.planning import Planner
 from exod.config import Settings
 from exod.control import server as control_server
 from exod.control.service import ControlService, Node
@@ -251,9 +253,21 @@ async def serve(settings: Settings) -> None:
     awake = KeepAwake.for_this_machine(settings.keep_awake)
     try:
         supervisor = Supervisor(journal, settings, MemoryCgroups.setup())
-        runs = Runs(settings, journal, supervisor, secret, awake)
-        cluster = Cluster(settings, node_id, journal, material)
-        node = Node(id=node_id, started=time.time(), localnet=LocalNetwork(), cluster=cluster)
+        cluster = Cluster(settings, node_id, journal, material, supervisor)
+        planner = Planner(settings, node_id, cluster, supervisor)
+        instances = Instances(
+            settings, node_id, journal, supervisor, cluster=cluster, planner=planner
+        )
+        if cluster.ranks is not None:
+            cluster.ranks.coordinating = instances.coordinating
+        runs = Runs(settings, journal, supervisor, secret, awake, instances=instances)
+        node = Node(
+            id=node_id,
+            started=time.time(),
+            localnet=LocalNetwork(),
+            cluster=cluster,
+            instances=instances,
+        )
         localnet.watch_mdns_sends(node.localnet)  # macOS's denial shows as failed sends
         await serve_until_stopped(settings, node, runs, notifier)
         try:
@@ -325,7 +339,11 @@ async def serve_until_stopped(
     http.close()  # no new requests; those in flight end with their runs, just below
     # mDNS says goodbye meanwhile: the others see this node leave at once.
     await asyncio.gather(
-        supervisor.shutdown(), control.shutdown(), finder.stop(), node.cluster.stop()
+        node.instances.shutdown(),
+        supervisor.shutdown(),
+        control.shutdown(),
+        finder.stop(),
+        node.cluster.stop(),
     )
     await http.wait_closed()
     await server.stop(grace=1.0)

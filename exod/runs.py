@@ -16,6 +16,7 @@ import secrets
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
+from exod.cluster.instances import Instances
 from exod.config import Settings
 from exod.errors import ExoError
 from exod.eventlog import StoreError
@@ -115,6 +116,7 @@ class Run:
     job: Job
     runs: Runs
     finished: bool = False
+    instance: str = ""  # the split model's instance whose rank 0 runs it (empty: whole)
 
     def close(self) -> None:
         """Cancel the run unless it has ended; safe to call any number of times.
@@ -158,6 +160,7 @@ class Run:
         if isinstance(item, runner_pb2.Done):
             self.runs.finish(self.id, item.stop_reason, "", item)
             return control_pb2.RunDone(
+                instance=self.instance,
                 prompt_tokens=item.prompt_tokens,
                 generation_tokens=item.generation_tokens,
                 ttft_s=item.ttft_s,
@@ -177,6 +180,8 @@ class Runs:
         supervisor: Supervisor,
         secret: bytes,
         awake: KeepAwake | None = None,
+        *,
+        instances: Instances | None = None,
     ) -> None:
         self.settings = settings
         self.journal = journal
@@ -184,12 +189,18 @@ class Runs:
         self._secret = secret
         # Told of each run where it is logged as accepted and as finished: every end goes there.
         self.awake = awake if awake is not None else KeepAwake(None)
+        # Where a model split over members is started (none: every model runs whole here).
+        self.instances = instances
         self._ending: set[asyncio.Task[None]] = set()  # cancelled runs awaiting their end
 
     async def start(self, request: control_pb2.RunRequest) -> Run:
         """Admit a run and queue it on its model's runner; raises ExoError when refused."""
         self.journal.check_writable("accept runs")
         files = await self._admit(request)
+        if self.instances is not None:
+            # --on places it; else a model that fits here runs whole here as ever, and one
+            # that does not is split over the members when the plan says so.
+            await self.instances.ensure(request.model, files, list(request.on))
         # --force skips the estimate, never the cap: the supervisor still enforces that.
         need = None if request.force else admission.estimate(files.weight_bytes)
         run_id = "run-" + secrets.token_hex(4)
@@ -232,7 +243,9 @@ class Runs:
         except StoreError as e:  # RunnerSpawned could not be logged; the runner is gone again
             raise store_failure(e) from e
         runner_id, position = placed[0]
-        return Run(run_id, runner_id, position, job, self)
+        runner = self.supervisor.runners.get(runner_id)
+        instance = runner.instance if runner is not None else ""
+        return Run(run_id, runner_id, position, job, self, instance=instance)
 
     def _default_stop(self, model: str) -> list[str]:
         """The stop sequences registered with a model (an Ollama import's), for runs that give

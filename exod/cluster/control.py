@@ -26,12 +26,14 @@ from exod.cluster import addresses, ca_client, invite, join_client, peer_server,
 from exod.cluster.authority import Authority, check_ttl, leave_instead
 from exod.cluster.peer_server import CaDuties, PeerService
 from exod.cluster.protocol import PROTOCOL_VERSION
+from exod.cluster.rank_host import RankHost
 from exod.cluster.replication import Replication
 from exod.config import Settings
 from exod.errors import ExoError
 from exod.journal import Journal
 from exod.models.cache import ModelCache
 from exod.proto.exo.v1 import control_pb2, events_pb2, peer_pb2, peer_pb2_grpc
+from exod.runners.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,8 +66,10 @@ class Cluster:
         node_id: str,
         journal: Journal,
         material: tls_store.Material | None,
+        supervisor: Supervisor | None = None,
     ) -> None:
-        """`material`: what `tls_store.load(tls_dir(settings))` read at start."""
+        """`material`: what `tls_store.load(tls_dir(settings))` read at start. `supervisor`:
+        where this node runs the ranks of split models that members ask it to run."""
         self._settings = settings
         self._id = node_id
         self._journal = journal
@@ -80,6 +84,9 @@ class Cluster:
         self.models = ModelCache(
             settings.home / "cache" / "models", settings.model_cache_bytes, node_id
         )
+        self.ranks = (
+            RankHost(settings, node_id, supervisor, self.models) if supervisor is not None else None
+        )
 
     def addresses(self) -> list[str]:
         """Where members reach this node's peer port; none outside a cluster."""
@@ -89,6 +96,11 @@ class Cluster:
             return list(addresses.invite_addresses(self._settings.peer_bind, machine_addresses()))
         except ExoError:
             return []
+
+    @property
+    def material(self) -> tls_store.Material | None:
+        """This node's TLS files, when it belongs to a cluster."""
+        return self._material
 
     def info(self) -> control_pb2.ClusterInfo | None:
         material = self._material
@@ -161,6 +173,7 @@ class Cluster:
             reserved=s.reserved_memory,
             runner_cap=s.max_runner_memory,
             models=self.models,
+            ranks=self.ranks,
         )
         ports = [("peer", s.peer_port, "EXOD_PEER_PORT"), ("join", s.join_port, "EXOD_JOIN_PORT")]
         for what, port, setting in ports:

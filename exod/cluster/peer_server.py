@@ -28,6 +28,7 @@ import psutil
 
 from exod.cluster import pki, weights_receive
 from exod.cluster.protocol import PROTOCOL_VERSION, check_version
+from exod.cluster.rank_host import RankHost
 from exod.cluster.replicated import REPLICATED_KINDS
 from exod.errors import ExoError, abort
 from exod.journal import Journal
@@ -89,12 +90,15 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         reserved: int = 0,
         runner_cap: int = 0,
         models: ModelCache | None = None,
+        ranks: RankHost | None = None,
     ) -> None:
         """`ca`: only on the node holding the CA key (elsewhere those calls are refused);
         `ca_cert` tells their caller's id from its certificate. `reserved` and `runner_cap`
         (EXOD_RESERVED_MEMORY, EXOD_MAX_RUNNER_MEMORY) go out with the free memory, so that a
         member places a model here only where a runner may take the room. `models`: where
-        HasModel and PushModel keep what members send (none: both are refused)."""
+        HasModel and PushModel keep what members send (none: both are refused). `ranks`: what
+        runs a rank of a split model here (none: Rank is refused)."""
+        self._ranks = ranks
         self._id = node_id
         self._reserved = reserved
         self._runner_cap = runner_cap
@@ -216,6 +220,20 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         try:
             sender = caller_id(cast("Ctx", context), self._ca_cert, time.time())
             return await weights_receive.receive(self._cache(), request_iterator, sender)
+        except ExoError as e:
+            await abort(context, e)
+
+    async def Rank(  # gRPC method names are CamelCase
+        self,
+        request_iterator: AsyncIterator[peer_pb2.RankUp],
+        context: grpc.aio.ServicerContext[peer_pb2.RankUp, peer_pb2.RankDown],
+    ) -> AsyncIterator[peer_pb2.RankDown]:
+        try:
+            caller = caller_id(cast("Ctx", context), self._ca_cert, time.time())
+            if self._ranks is None:
+                raise ExoError("internal", f"{self._id} cannot run a rank of a split model")
+            async for down in self._ranks.serve(request_iterator, caller):
+                yield down
         except ExoError as e:
             await abort(context, e)
 
@@ -415,8 +433,23 @@ class CertificateCheck(_Interceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        # A call of another shape (bidirectional streaming) must get its own check here before
-        # it is served; until then it is refused outright.
+        both = handler.stream_stream
+        if both is not None:
+            # Checked before the handler reads a message, as for client streaming.
+            async def checked_both(
+                requests: AsyncIterator[object], context: Ctx
+            ) -> AsyncIterator[object]:
+                await check(context)
+                call = cast("Callable[[AsyncIterator[object], Ctx], AsyncIterator[object]]", both)
+                async for reply in call(requests, context):
+                    yield reply
+
+            return grpc.stream_stream_rpc_method_handler(
+                checked_both,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # A call of another shape must get its own check here before it is served.
         return cast("grpc.RpcMethodHandler[object, object]", None)
 
 

@@ -7,7 +7,8 @@ that grows with traffic or holds local secrets or paths.
                  RunnerFailed, RunnerStopped (its runners: `exoctl status` counts them per node),
                  ClusterEntered, NodeJoined, NodeRemoved (membership: a node that joined
                  through the CA's node becomes known to every member, and one it removed is
-                 refused by every member, even while the CA's node is off)
+                 refused by every member, even while the CA's node is off),
+                 InstancePlaced, InstanceEnded (the split models a member coordinates)
     local only   RunAccepted, RunFinished (one per request: the cluster's logs would grow with
                  everyone's traffic), ModelAdded, ModelRemoved (file paths of this machine; a
                  peer's must never enter this node's registry), InviteIssued (the digests of
@@ -37,6 +38,8 @@ REPLICATED_KINDS: frozenset[str] = frozenset(
         "ClusterEntered",
         "NodeJoined",
         "NodeRemoved",
+        "InstancePlaced",
+        "InstanceEnded",
     }
 )
 

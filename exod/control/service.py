@@ -16,7 +16,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -26,16 +26,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from exod import API_VERSION, __version__
 from exod.cluster.control import Cluster
-from exod.cluster.placement import Member, Plan, place, usable_memory
+from exod.cluster.instances import Instances
+from exod.cluster.placement import Plan
 from exod.errors import ExoError, abort
 from exod.eventlog import Record, RunnerView, StoreError
 from exod.models import MODEL_NAME_PATTERN
 from exod.models.demo import write_demo_model
 from exod.models.importer import TRASH_PREFIX, Importer
 from exod.models.inspect import content_hash, inspect_model
-from exod.models.pipeline_check import PipelineCheck
 from exod.models.resolve import resolve_model
-from exod.models.shape import read_shape
 from exod.proto.exo.v1 import control_pb2, control_pb2_grpc, events_pb2
 from exod.runners import process
 from exod.runs import Runs, store_failure
@@ -54,6 +53,7 @@ class Node:
     started: float
     localnet: LocalNetwork
     cluster: Cluster
+    instances: Instances
 
 
 Req = TypeVar("Req")
@@ -80,7 +80,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
         self._supervisor = runs.supervisor
         self._importer = Importer(runs.settings, runs.journal, runs.supervisor)
         self._firewall = firewall.Firewall()
-        self._pipeline = PipelineCheck()
+        self._planner = node.instances.planner
 
     async def shutdown(self) -> None:
         """exod is stopping: end the imports in flight (runs end with the supervisor)."""
@@ -138,6 +138,7 @@ class ControlService(control_pb2_grpc.ControlServicer):
             warnings=await self._warnings(),
             cluster=self._node.cluster.info(),
             nodes=[self._self_node(), *self._node.cluster.replication.nodes(time.time())],
+            instances=self._node.instances.view(),
         )
 
     def _self_node(self) -> control_pb2.NodeInfo:
@@ -209,6 +210,9 @@ class ControlService(control_pb2_grpc.ControlServicer):
         try:
             if request.all == bool(request.runner_id):
                 raise ExoError("invalid_argument", "give either a runner id or --all")
+            if request.runner_id.startswith("i-"):
+                await self._node.instances.kill(request.runner_id)
+                return control_pb2.KillReply(killed=[request.runner_id])
             ids = list(self._supervisor.runners) if request.all else [request.runner_id]
             if not request.all and request.runner_id not in self._supervisor.runners:
                 known = self._journal.state.runners.get(request.runner_id)
@@ -316,43 +320,9 @@ class ControlService(control_pb2_grpc.ControlServicer):
             raise ExoError("invalid_argument", "an empty node id in --on: give node ids")
         path = await asyncio.to_thread(resolve_model, request.model, self._journal.state.models)
         files = await asyncio.to_thread(inspect_model, path)
-        shape = await asyncio.to_thread(read_shape, files.path)
-        members = await self._members()
-        live = [r for r in self._supervisor.runners.values() if r.ending is None]
-        loaded = [self._node.id] if any(r.model_path == str(files.path) for r in live) else []
-
-        def plan_for(pipeline: bool) -> Plan:
-            return place(
-                replace(shape, pipeline=pipeline),
-                members,
-                local_id=self._node.id,
-                loaded_on=loaded,
-                forced=forced,
-            )
-
-        # Asking mlx-lm takes a subprocess: only when the answer can change the plan.
-        plan = plan_for(True)
-        if plan.whole_on is None and (
-            plan.refused is None or plan.refused.reason == "model_too_large"
-        ):
-            digest = await asyncio.to_thread(content_hash, files.path)
-            plan = plan_for(await self._pipeline.supports(files.path, digest))
+        members = await self._planner.members()
+        plan = await self._planner.plan(files, forced, members)
         return _plan_reply(request.model, plan, {m.id: m.name for m in members})
-
-    async def _members(self) -> list[Member]:
-        """This node and, in a cluster, every member it knows, with the room each has now."""
-        s = self._settings
-        vm = await asyncio.to_thread(psutil.virtual_memory)
-        room = usable_memory(vm.available, s.reserved_memory, s.max_runner_memory)
-        me = Member(self._node.id, room, state="self", has_model=True, name=s.node_name)
-        cluster = self._node.cluster
-        if cluster.info() is None:
-            return [me]
-        others = [
-            Member(n.id, cluster.replication.room(n.id), state=n.state, name=n.name)
-            for n in cluster.replication.nodes(time.time())
-        ]
-        return [me, *others]
 
     # --- Models -----------------------------------------------------------------------------------
 

@@ -95,6 +95,8 @@ def _stop_message(runner: Runner, reason: str) -> str:
         return f"runner {runner.id} was killed (exoctl kill) during this run"
     if reason == "daemon_stopped":
         return "exod is shutting down"
+    if runner.ending_detail:  # one rank of a split model, ended with its instance
+        return runner.ending_detail
     return f"runner {runner.id} was stopped ({reason})"
 
 

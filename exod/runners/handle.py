@@ -87,6 +87,10 @@ class Runner:
     lifeline: int = -1  # our write end; closing it (or dying) tells the shim to end the group
     cgroup: Path | None = None  # its cgroup v2 with memory.max, where the kernel offers one
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Set: one rank of a split model (exod/cluster/instances.py). A rank other than 0 takes no
+    # jobs and is never idle here: its lease from the coordinator decides when it ends.
+    rank: runner_pb2.Rank | None = None
+    instance: str = ""  # the instance (i-…) it is rank 0 of, on the coordinator
 
     @property
     def pid(self) -> int:
@@ -181,8 +185,11 @@ async def spawn(
     return runner
 
 
-def greeting(settings: Settings, model_path: str) -> list[runner_pb2.ToRunner]:
-    """Hello, then Load with the batch size and the caches' bounds."""
+def greeting(
+    settings: Settings, model_path: str, rank: runner_pb2.Rank | None = None
+) -> list[runner_pb2.ToRunner]:
+    """Hello, then Load with the batch size and the caches' bounds (and the rank, for one rank
+    of a split model)."""
     hello = runner_pb2.Hello(protocol_version=RUNNER_PROTOCOL_VERSION)
     load = runner_pb2.Load(
         model_path=model_path,
@@ -191,4 +198,6 @@ def greeting(settings: Settings, model_path: str) -> list[runner_pb2.ToRunner]:
         mlx_cache_limit=settings.mlx_cache_limit,
         stream_interval_s=settings.stream_interval,
     )
+    if rank is not None:
+        load.rank.CopyFrom(rank)
     return [runner_pb2.ToRunner(hello=hello), runner_pb2.ToRunner(load=load)]

@@ -116,7 +116,11 @@ class Supervisor:
         idle = [
             admission.Idle(r.id, r.memory or 0, r.last_used)
             for r in self.runners.values()
-            if r.ending is None and r.state == "ready" and not r.active and not r.queue
+            if r.ending is None
+            and r.state == "ready"
+            and not r.active
+            and not r.queue
+            and not _follower(r)
         ]
         for runner_id in admission.plan(need, memory, idle):
             await self.stop(self.runners[runner_id], "evicted")
@@ -215,7 +219,9 @@ class Supervisor:
             log.warning("runner %s: %s", runner.id, broken[1])
             self.stop_soon(runner, *broken)
             return
-        idle = runner.state == "ready" and not runner.active and not runner.queue
+        idle = (
+            runner.state == "ready" and not runner.active and not runner.queue
+        ) and not _follower(runner)
         if idle and now - runner.last_used >= self._settings.idle_ttl:
             self.stop_soon(runner, "idle")
         if runner.ready_at is None:
@@ -236,13 +242,43 @@ class Supervisor:
 
     def _live_for(self, model_path: str) -> Runner | None:
         for runner in self.runners.values():
-            if runner.model_path == model_path and runner.ending is None:
+            if runner.model_path == model_path and runner.ending is None and not _follower(runner):
                 return runner
         return None
 
-    async def _spawn(self, model: str, model_path: str, estimate: int | None, kv: int) -> Runner:
+    def live_for(self, model_path: str) -> Runner | None:
+        """The live runner that runs would be queued on for this directory, if any."""
+        return self._live_for(model_path)
+
+    async def start_rank(
+        self, model: str, model_path: str, rank: runner_pb2.Rank, need: int
+    ) -> Runner:
+        """Spawn one rank of a split model: a runner loaded with `rank` (rank 0 then takes runs
+        for `model_path` like any runner; another rank takes none). Its memory is admitted as a
+        runner's is: `need` is admission's estimate of what its part of the weights takes."""
+        async with self._spawning:
+            live = self._live_for(model_path)
+            if live is not None and rank.rank == 0:
+                raise ExoError(
+                    "invalid_argument",
+                    f"runner {live.id} runs {model} already: `exoctl kill {live.id}` first",
+                )
+            await self._make_room(need)
+            return await self._spawn(
+                model, model_path, need, _config_kv_bytes(model_path), rank=rank
+            )
+
+    async def _spawn(
+        self,
+        model: str,
+        model_path: str,
+        estimate: int | None,
+        kv: int,
+        rank: runner_pb2.Rank | None = None,
+    ) -> Runner:
         settings = self._settings
         runner = await handle.spawn(settings, self._journal, self._cgroups, model, model_path)
+        runner.rank = rank
         runner.estimate = estimate
         runner.kv_bytes_per_token = kv
         self.runners[runner.id] = runner
@@ -250,7 +286,7 @@ class Supervisor:
             asyncio.create_task(dispatch.read(runner, settings, self._journal, self.stop_soon)),
             asyncio.create_task(self._watch(runner)),
         ]
-        for msg in handle.greeting(settings, model_path):
+        for msg in handle.greeting(settings, model_path, rank):
             runner.send_soon(msg)
         return runner
 
@@ -265,6 +301,11 @@ def _config_kv_bytes(model_path: str) -> int:
     with contextlib.suppress(ExoError):
         return kv_bytes_per_token(read_config(Path(model_path)))
     return 0
+
+
+def _follower(runner: Runner) -> bool:
+    """A rank other than 0 of a split model: it takes no runs, and its lease ends it."""
+    return runner.rank is not None and runner.rank.rank != 0
 
 
 def _waiting_since(job: Job, runner: Runner) -> float:

@@ -401,7 +401,7 @@ def test_run_json_lines_end_with_done(fake: tuple[FakeControl, str]) -> None:
         '{"type":"token","text":"Hel"}',
         '{"type":"token","text":"lo"}',
         '{"type":"done","prompt_tokens":2,"generation_tokens":2,"ttft_s":0.0,'
-        '"tokens_per_s":0.0,"stop_reason":"","cached_tokens":0}',
+        '"tokens_per_s":0.0,"stop_reason":"","cached_tokens":0,"instance":null}',
     ]
 
 

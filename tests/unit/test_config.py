@@ -146,6 +146,14 @@ def test_the_peer_and_join_ports_must_differ() -> None:
         config.load({"join_port": "9000"}, {**ENV, "EXOD_PEER_PORT": "9000"})
 
 
+def test_the_ring_port_differs_from_the_peer_and_join_ports() -> None:
+    assert config.load({}, ENV).ring_port == 52418
+    with pytest.raises(config.ConfigError, match=r"^EXOD_RING_PORT and EXOD_JOIN_PORT are both"):
+        config.load({}, {**ENV, "EXOD_RING_PORT": "52417"})
+    with pytest.raises(config.ConfigError, match=r"^--ring-port and EXOD_PEER_PORT are both 9000"):
+        config.load({"ring_port": "9000"}, {**ENV, "EXOD_PEER_PORT": "9000"})
+
+
 def test_a_flag_wins_so_its_name_is_the_one_reported() -> None:
     with pytest.raises(config.ConfigError, match=r"^invalid --idle-ttl 'x': "):
         config.load({"idle_ttl": "x"}, {**ENV, "EXOD_IDLE_TTL": "5"})

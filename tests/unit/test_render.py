@@ -263,6 +263,7 @@ def test_status_json_has_the_documented_shape_and_every_runner() -> None:
         "warnings",
         "cluster",
         "nodes",
+        "instances",
         "runners",
     }
     assert obj["cluster"] is None  # outside a cluster
@@ -468,6 +469,7 @@ def test_run_json_lines() -> None:
         "tokens_per_s": 30.0,
         "stop_reason": "stop",
         "cached_tokens": 3,
+        "instance": None,
     }
     assert render.error_json("crashed", "runner died", 75) == {
         "type": "error",

@@ -39,6 +39,7 @@ class RunRequest(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
+    ON_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """a registered name, an absolute directory, or hf:ORG/NAME"""
     prompt: _builtins.str
@@ -57,6 +58,10 @@ class RunRequest(_message.Message):
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """stop sequences"""
 
+    @_builtins.property
+    def on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """place it on these nodes (exoctl run --on); empty: auto"""
+
     def __init__(
         self,
         *,
@@ -70,10 +75,11 @@ class RunRequest(_message.Message):
         messages: _abc.Iterable[_runner_pb2.ChatMessage] | None = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
         force: _builtins.bool = ...,
+        on: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "has_seed", b"has_seed", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "prompt", b"prompt", "raw", b"raw", "seed", b"seed", "stop", b"stop", "temperature", b"temperature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "has_seed", b"has_seed", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "on", b"on", "prompt", b"prompt", "raw", b"raw", "seed", b"seed", "stop", b"stop", "temperature", b"temperature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -193,6 +199,7 @@ class RunDone(_message.Message):
     TOKENS_PER_S_FIELD_NUMBER: _builtins.int
     STOP_REASON_FIELD_NUMBER: _builtins.int
     CACHED_TOKENS_FIELD_NUMBER: _builtins.int
+    INSTANCE_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
     generation_tokens: _builtins.int
     ttft_s: _builtins.float
@@ -201,6 +208,8 @@ class RunDone(_message.Message):
     """stop, length"""
     cached_tokens: _builtins.int
     """prompt tokens reused from the prompt cache"""
+    instance: _builtins.str
+    """the split model's instance (i-…) it ran on; empty: a whole model"""
     def __init__(
         self,
         *,
@@ -210,10 +219,11 @@ class RunDone(_message.Message):
         tokens_per_s: _builtins.float = ...,
         stop_reason: _builtins.str = ...,
         cached_tokens: _builtins.int = ...,
+        instance: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "generation_tokens", b"generation_tokens", "prompt_tokens", b"prompt_tokens", "stop_reason", b"stop_reason", "tokens_per_s", b"tokens_per_s", "ttft_s", b"ttft_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "generation_tokens", b"generation_tokens", "instance", b"instance", "prompt_tokens", b"prompt_tokens", "stop_reason", b"stop_reason", "tokens_per_s", b"tokens_per_s", "ttft_s", b"ttft_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -250,6 +260,7 @@ class StatusReply(_message.Message):
     NODE_NAME_FIELD_NUMBER: _builtins.int
     CLUSTER_FIELD_NUMBER: _builtins.int
     NODES_FIELD_NUMBER: _builtins.int
+    INSTANCES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     api_version: _builtins.str
     node_id: _builtins.str
@@ -273,6 +284,10 @@ class StatusReply(_message.Message):
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeInfo]:
         """this node first, then every member it knows"""
 
+    @_builtins.property
+    def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___InstanceInfo]:
+        """the split models this node coordinates"""
+
     def __init__(
         self,
         *,
@@ -288,14 +303,88 @@ class StatusReply(_message.Message):
         node_name: _builtins.str = ...,
         cluster: Global___ClusterInfo | None = ...,
         nodes: _abc.Iterable[Global___NodeInfo] | None = ...,
+        instances: _abc.Iterable[Global___InstanceInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cluster", b"cluster"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "cluster", b"cluster", "event_count", b"event_count", "home", b"home", "node_id", b"node_id", "node_name", b"node_name", "nodes", b"nodes", "pid", b"pid", "runners", b"runners", "uptime_s", b"uptime_s", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "cluster", b"cluster", "event_count", b"event_count", "home", b"home", "instances", b"instances", "node_id", b"node_id", "node_name", b"node_name", "nodes", b"nodes", "pid", b"pid", "runners", b"runners", "uptime_s", b"uptime_s", "version", b"version", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusReply: _TypeAlias = StatusReply  # noqa: Y015
+
+@_typing.final
+class InstanceInfo(_message.Message):
+    """A model split over members, as its coordinator sees it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    COORDINATOR_FIELD_NUMBER: _builtins.int
+    RANKS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """i-…"""
+    model: _builtins.str
+    state: _builtins.str
+    """starting, running, ended"""
+    coordinator: _builtins.str
+    """the node that got the request (this one)"""
+    @_builtins.property
+    def ranks(self) -> _containers.RepeatedCompositeFieldContainer[Global___InstanceRank]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        state: _builtins.str = ...,
+        coordinator: _builtins.str = ...,
+        ranks: _abc.Iterable[Global___InstanceRank] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator", b"coordinator", "id", b"id", "model", b"model", "ranks", b"ranks", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InstanceInfo: _TypeAlias = InstanceInfo  # noqa: Y015
+
+@_typing.final
+class InstanceRank(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANK_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    RUNNER_FIELD_NUMBER: _builtins.int
+    FIRST_LAYER_FIELD_NUMBER: _builtins.int
+    LAST_LAYER_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    rank: _builtins.int
+    node: _builtins.str
+    runner: _builtins.str
+    """its runner on that node (empty until spawned)"""
+    first_layer: _builtins.int
+    last_layer: _builtins.int
+    state: _builtins.str
+    """rank 0: its runner's state; others: starting, spawned, ready, ended"""
+    def __init__(
+        self,
+        *,
+        rank: _builtins.int = ...,
+        node: _builtins.str = ...,
+        runner: _builtins.str = ...,
+        first_layer: _builtins.int = ...,
+        last_layer: _builtins.int = ...,
+        state: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_layer", b"first_layer", "last_layer", b"last_layer", "node", b"node", "rank", b"rank", "runner", b"runner", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InstanceRank: _TypeAlias = InstanceRank  # noqa: Y015
 
 @_typing.final
 class NodeInfo(_message.Message):

@@ -41,6 +41,8 @@ class Event(_message.Message):
     MEMBERS_LEARNED_FIELD_NUMBER: _builtins.int
     NODE_REMOVED_FIELD_NUMBER: _builtins.int
     CLUSTER_LEFT_FIELD_NUMBER: _builtins.int
+    INSTANCE_PLACED_FIELD_NUMBER: _builtins.int
+    INSTANCE_ENDED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def node_started(self) -> Global___NodeStarted: ...
     @_builtins.property
@@ -73,6 +75,10 @@ class Event(_message.Message):
     def node_removed(self) -> Global___NodeRemoved: ...
     @_builtins.property
     def cluster_left(self) -> Global___ClusterLeft: ...
+    @_builtins.property
+    def instance_placed(self) -> Global___InstancePlaced: ...
+    @_builtins.property
+    def instance_ended(self) -> Global___InstanceEnded: ...
     def __init__(
         self,
         *,
@@ -92,12 +98,14 @@ class Event(_message.Message):
         members_learned: Global___MembersLearned | None = ...,
         node_removed: Global___NodeRemoved | None = ...,
         cluster_left: Global___ClusterLeft | None = ...,
+        instance_placed: Global___InstancePlaced | None = ...,
+        instance_ended: Global___InstanceEnded | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cluster_entered", b"cluster_entered", "cluster_left", b"cluster_left", "invite_issued", b"invite_issued", "kind", b"kind", "members_learned", b"members_learned", "model_added", b"model_added", "model_removed", b"model_removed", "node_joined", b"node_joined", "node_removed", b"node_removed", "node_started", b"node_started", "node_stopped", b"node_stopped", "run_accepted", b"run_accepted", "run_finished", b"run_finished", "runner_failed", b"runner_failed", "runner_ready", b"runner_ready", "runner_spawned", b"runner_spawned", "runner_stopped", b"runner_stopped"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cluster_entered", b"cluster_entered", "cluster_left", b"cluster_left", "instance_ended", b"instance_ended", "instance_placed", b"instance_placed", "invite_issued", b"invite_issued", "kind", b"kind", "members_learned", b"members_learned", "model_added", b"model_added", "model_removed", b"model_removed", "node_joined", b"node_joined", "node_removed", b"node_removed", "node_started", b"node_started", "node_stopped", b"node_stopped", "run_accepted", b"run_accepted", "run_finished", b"run_finished", "runner_failed", b"runner_failed", "runner_ready", b"runner_ready", "runner_spawned", b"runner_spawned", "runner_stopped", b"runner_stopped"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_entered", b"cluster_entered", "cluster_left", b"cluster_left", "invite_issued", b"invite_issued", "kind", b"kind", "members_learned", b"members_learned", "model_added", b"model_added", "model_removed", b"model_removed", "node_joined", b"node_joined", "node_removed", b"node_removed", "node_started", b"node_started", "node_stopped", b"node_stopped", "run_accepted", b"run_accepted", "run_finished", b"run_finished", "runner_failed", b"runner_failed", "runner_ready", b"runner_ready", "runner_spawned", b"runner_spawned", "runner_stopped", b"runner_stopped"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_entered", b"cluster_entered", "cluster_left", b"cluster_left", "instance_ended", b"instance_ended", "instance_placed", b"instance_placed", "invite_issued", b"invite_issued", "kind", b"kind", "members_learned", b"members_learned", "model_added", b"model_added", "model_removed", b"model_removed", "node_joined", b"node_joined", "node_removed", b"node_removed", "node_started", b"node_started", "node_stopped", b"node_stopped", "run_accepted", b"run_accepted", "run_finished", b"run_finished", "runner_failed", b"runner_failed", "runner_ready", b"runner_ready", "runner_spawned", b"runner_spawned", "runner_stopped", b"runner_stopped"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["node_started", "node_stopped", "runner_spawned", "runner_ready", "runner_failed", "runner_stopped", "run_accepted", "run_finished", "model_added", "model_removed", "invite_issued", "node_joined", "cluster_entered", "members_learned", "node_removed", "cluster_left"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["node_started", "node_stopped", "runner_spawned", "runner_ready", "runner_failed", "runner_stopped", "run_accepted", "run_finished", "model_added", "model_removed", "invite_issued", "node_joined", "cluster_entered", "members_learned", "node_removed", "cluster_left", "instance_placed", "instance_ended"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -620,3 +628,90 @@ class ClusterLeft(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClusterLeft: _TypeAlias = ClusterLeft  # noqa: Y015
+
+@_typing.final
+class InstancePlaced(_message.Message):
+    """A model split over members (issue 12): the node that got the request coordinates it.
+    Replicated, so that every member sees which of its runners belong to which instance.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    RANKS_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    model: _builtins.str
+    @_builtins.property
+    def ranks(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlacedRankInfo]: ...
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        ranks: _abc.Iterable[Global___PlacedRankInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "model", b"model", "ranks", b"ranks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InstancePlaced: _TypeAlias = InstancePlaced  # noqa: Y015
+
+@_typing.final
+class PlacedRankInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANK_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    FIRST_LAYER_FIELD_NUMBER: _builtins.int
+    LAST_LAYER_FIELD_NUMBER: _builtins.int
+    rank: _builtins.int
+    node_id: _builtins.str
+    first_layer: _builtins.int
+    last_layer: _builtins.int
+    def __init__(
+        self,
+        *,
+        rank: _builtins.int = ...,
+        node_id: _builtins.str = ...,
+        first_layer: _builtins.int = ...,
+        last_layer: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_layer", b"first_layer", "last_layer", b"last_layer", "node_id", b"node_id", "rank", b"rank"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlacedRankInfo: _TypeAlias = PlacedRankInfo  # noqa: Y015
+
+@_typing.final
+class InstanceEnded(_message.Message):
+    """Every rank of the instance is ended (or being ended): reason rank_failed, peer_unreachable,
+    killed, idle, daemon_stopped, ...
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    reason: _builtins.str
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InstanceEnded: _TypeAlias = InstanceEnded  # noqa: Y015

@@ -750,3 +750,172 @@ class PushModelReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PushModelReply: _TypeAlias = PushModelReply  # noqa: Y015
+
+@_typing.final
+class RankStart(_message.Message):
+    """What a member is to run: one rank of instance `instance_id`, from its cache entry `key` (a
+    ModelManifest key the coordinator pushed or found there).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class VersionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    HOSTS_FIELD_NUMBER: _builtins.int
+    RING_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    key: _builtins.str
+    model: _builtins.str
+    """what the user asked for, for the member's events"""
+    rank: _builtins.int
+    size: _builtins.int
+    ring_timeout_s: _builtins.float
+    @_builtins.property
+    def split(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """layers per rank, by rank"""
+
+    @_builtins.property
+    def hosts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"ip:port" of each rank's ring socket, by rank"""
+
+    @_builtins.property
+    def versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The coordinator's exod, mlx and mlx-lm versions, by name: a member whose own differ refuses
+        the rank (every rank must compute alike).
+        """
+
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        key: _builtins.str = ...,
+        model: _builtins.str = ...,
+        rank: _builtins.int = ...,
+        size: _builtins.int = ...,
+        split: _abc.Iterable[_builtins.int] | None = ...,
+        hosts: _abc.Iterable[_builtins.str] | None = ...,
+        ring_timeout_s: _builtins.float = ...,
+        versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hosts", b"hosts", "instance_id", b"instance_id", "key", b"key", "model", b"model", "rank", b"rank", "ring_timeout_s", b"ring_timeout_s", "size", b"size", "split", b"split", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RankStart: _TypeAlias = RankStart  # noqa: Y015
+
+@_typing.final
+class RankUp(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.str
+    """on the first message (start)"""
+    @_builtins.property
+    def start(self) -> Global___RankStart:
+        """the first message, and only it"""
+
+    @_builtins.property
+    def heartbeat(self) -> Global___PeerHeartbeat: ...
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.str = ...,
+        start: Global___RankStart | None = ...,
+        heartbeat: Global___PeerHeartbeat | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "msg", b"msg", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "msg", b"msg", "protocol_version", b"protocol_version", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["start", "heartbeat"]  # noqa: Y015
+    _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
+
+Global___RankUp: _TypeAlias = RankUp  # noqa: Y015
+
+@_typing.final
+class RankState(_message.Message):
+    """spawned (runner_id set), ready (its layers loaded and the ring formed), ended (reason and
+    message: why the rank's runner ended or was refused).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    RUNNER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    state: _builtins.str
+    runner_id: _builtins.str
+    reason: _builtins.str
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        state: _builtins.str = ...,
+        runner_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "reason", b"reason", "runner_id", b"runner_id", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RankState: _TypeAlias = RankState  # noqa: Y015
+
+@_typing.final
+class RankDown(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def state(self) -> Global___RankState: ...
+    @_builtins.property
+    def heartbeat(self) -> Global___PeerHeartbeat: ...
+    def __init__(
+        self,
+        *,
+        state: Global___RankState | None = ...,
+        heartbeat: Global___PeerHeartbeat | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "msg", b"msg", "state", b"state"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "msg", b"msg", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["state", "heartbeat"]  # noqa: Y015
+    _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
+
+Global___RankDown: _TypeAlias = RankDown  # noqa: Y015

@@ -84,6 +84,11 @@ class PeerStub:
                 request_serializer=exo_dot_v1_dot_peer__pb2.ModelChunk.SerializeToString,
                 response_deserializer=exo_dot_v1_dot_peer__pb2.PushModelReply.FromString,
                 _registered_method=True)
+        self.Rank = channel.stream_stream(
+                '/exo.v1.Peer/Rank',
+                request_serializer=exo_dot_v1_dot_peer__pb2.RankUp.SerializeToString,
+                response_deserializer=exo_dot_v1_dot_peer__pb2.RankDown.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -168,6 +173,17 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rank(self, request_iterator, context):
+        """Run one rank of a split model here, for as long as the stream lasts: the stream IS the
+        lease. The first RankUp is `start`; the member admits it, pins its cache entry, spawns the
+        rank's runner and says how it goes (RankDown states). Both sides send a heartbeat every
+        third of EXOD_PEER_TIMEOUT; when nothing arrives for EXOD_PEER_TIMEOUT, or the stream ends
+        for any reason, the member ends its rank's runner.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -220,6 +236,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.PushModel,
                     request_deserializer=exo_dot_v1_dot_peer__pb2.ModelChunk.FromString,
                     response_serializer=exo_dot_v1_dot_peer__pb2.PushModelReply.SerializeToString,
+            ),
+            'Rank': grpc.stream_stream_rpc_method_handler(
+                    servicer.Rank,
+                    request_deserializer=exo_dot_v1_dot_peer__pb2.RankUp.FromString,
+                    response_serializer=exo_dot_v1_dot_peer__pb2.RankDown.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -492,6 +513,33 @@ class Peer:
             '/exo.v1.Peer/PushModel',
             exo_dot_v1_dot_peer__pb2.ModelChunk.SerializeToString,
             exo_dot_v1_dot_peer__pb2.PushModelReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rank(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/exo.v1.Peer/Rank',
+            exo_dot_v1_dot_peer__pb2.RankUp.SerializeToString,
+            exo_dot_v1_dot_peer__pb2.RankDown.FromString,
             options,
             channel_credentials,
             insecure,

@@ -77,6 +77,13 @@ class PeerStub:
     it streams; any mismatch, overrun, path outside the directory, or stream that ends short
     leaves nothing behind. A key held already is answered at once (`had`), its chunks unread.
     """
+    Rank: _grpc.StreamStreamMultiCallable[_peer_pb2.RankUp, _peer_pb2.RankDown]
+    """Run one rank of a split model here, for as long as the stream lasts: the stream IS the
+    lease. The first RankUp is `start`; the member admits it, pins its cache entry, spawns the
+    rank's runner and says how it goes (RankDown states). Both sides send a heartbeat every
+    third of EXOD_PEER_TIMEOUT; when nothing arrives for EXOD_PEER_TIMEOUT, or the stream ends
+    for any reason, the member ends its rank's runner.
+    """
 
 @_typing.type_check_only
 class PeerAsyncStub(PeerStub):
@@ -117,6 +124,13 @@ class PeerAsyncStub(PeerStub):
     ModelManifest first, then the files' bytes in order. Each file's SHA-256 is computed while
     it streams; any mismatch, overrun, path outside the directory, or stream that ends short
     leaves nothing behind. A key held already is answered at once (`had`), its chunks unread.
+    """
+    Rank: _aio.StreamStreamMultiCallable[_peer_pb2.RankUp, _peer_pb2.RankDown]  # type: ignore[assignment]
+    """Run one rank of a split model here, for as long as the stream lasts: the stream IS the
+    lease. The first RankUp is `start`; the member admits it, pins its cache entry, spawns the
+    rank's runner and says how it goes (RankDown states). Both sides send a heartbeat every
+    third of EXOD_PEER_TIMEOUT; when nothing arrives for EXOD_PEER_TIMEOUT, or the stream ends
+    for any reason, the member ends its rank's runner.
     """
 
 class PeerServicer(metaclass=_abc_1.ABCMeta):
@@ -215,6 +229,19 @@ class PeerServicer(metaclass=_abc_1.ABCMeta):
         ModelManifest first, then the files' bytes in order. Each file's SHA-256 is computed while
         it streams; any mismatch, overrun, path outside the directory, or stream that ends short
         leaves nothing behind. A key held already is answered at once (`had`), its chunks unread.
+        """
+
+    @_abc_1.abstractmethod
+    def Rank(
+        self,
+        request_iterator: _MaybeAsyncIterator[_peer_pb2.RankUp],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_peer_pb2.RankDown], _abc.AsyncIterator[_peer_pb2.RankDown]]:
+        """Run one rank of a split model here, for as long as the stream lasts: the stream IS the
+        lease. The first RankUp is `start`; the member admits it, pins its cache entry, spawns the
+        rank's runner and says how it goes (RankDown states). Both sides send a heartbeat every
+        third of EXOD_PEER_TIMEOUT; when nothing arrives for EXOD_PEER_TIMEOUT, or the stream ends
+        for any reason, the member ends its rank's runner.
         """
 
 def add_PeerServicer_to_server(servicer: PeerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,362 @@
+"""A model split over two real exods on loopback (127.0.0.2 and .3), run and stopped as one.
+
+A makes the cluster and holds the model; B joins without its files. `exoctl run --on A,B` on A
+places the model unevenly (B's runner cap is smaller), sends B its layers, starts both ranks,
+and streams rank 0's text, which must equal, byte for byte, what A alone makes of the same
+model (through exoctl and through the HTTP API). Killing B's rank runner mid-generation, or B's
+exod, ends every rank on both nodes within EXOD_KILL_GRACE + 2 s; the client exits 75 and the
+next run works. The tests run in order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemon import Daemon, Result, pids_alive, wait_until
+from tests.httpapi import free_port, request
+from tests.models import copy_model, demo_model
+
+PEER_TIMEOUT_S = 3.0
+KILL_GRACE_S = 1.0
+LAYERS = 5
+PROMPT = "Once upon a time"
+LONG_RUN_TOKENS = "100000"
+GiB = 1 << 30
+
+
+@dataclass
+class Node:
+    daemon: Daemon
+    address: str
+    http_port: int = 0
+
+    @property
+    def id(self) -> str:
+        return str(self.daemon.status()["node_id"])
+
+
+@dataclass
+class Pair:
+    a: Node
+    b: Node
+    model: Path
+
+
+def _node(home: Path, address: str, ring_port: int, cap: str) -> Node:
+    http_port = free_port()
+    daemon = Daemon.create(
+        home,
+        EXOD_PEER_BIND=address,
+        EXOD_PEER_PORT=str(free_port()),
+        EXOD_JOIN_PORT=str(free_port()),
+        EXOD_RING_PORT=str(ring_port),
+        EXOD_PEER_TIMEOUT=str(PEER_TIMEOUT_S),
+        EXOD_KILL_GRACE=str(KILL_GRACE_S),
+        EXOD_MAX_RUNNER_MEMORY=cap,
+        EXOD_HTTP_PORT=str(http_port),
+    )
+    return Node(daemon, address, http_port)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    root = tmp_path_factory.mktemp("split")
+    ring = free_port()
+    made = Pair(
+        _node(root / "a", "127.0.0.2", ring, "8G"),
+        _node(root / "b", "127.0.0.3", ring, "2G"),
+        demo_model("qwen2", num_layers=LAYERS),
+    )
+    try:
+        made.a.daemon.start()
+        made.b.daemon.start()
+        made.a.daemon.ok("cluster", "init")
+        token = made.a.daemon.ok("cluster", "invite").text.strip()
+        made.b.daemon.ok("cluster", "join", token)
+        a_id, b_id = made.a.id, made.b.id
+        assert wait_until(lambda: _state(made.a, b_id) == "alive", 15, poll=0.2)
+        assert wait_until(lambda: _state(made.b, a_id) == "alive", 15, poll=0.2)
+        made.a.daemon.ok("models", "add", "split", str(made.model))
+        yield made
+    finally:
+        for n in (made.a, made.b):
+            n.daemon.cleanup()
+
+
+def _state(viewer: Node, node_id: str) -> str:
+    for n in viewer.daemon.status()["nodes"]:
+        if n["id"] == node_id:
+            return str(n["state"])
+    return ""
+
+
+def _on(p: Pair) -> str:
+    return f"{p.a.id},{p.b.id}"
+
+
+def _alive_runners(node: Node) -> list[dict[str, Any]]:
+    return [r for r in node.daemon.status()["runners"] if r["state"] in ("ready", "running")]
+
+
+def _all_gone(p: Pair) -> bool:
+    """No live runner on either node (a stopped exod's runners by their pids)."""
+    for n in (p.a, p.b):
+        if not n.daemon.alive():
+            continue
+        if any(r["state"] in _LIVE for r in n.daemon.status()["runners"]):
+            return False
+    return True
+
+
+_LIVE = ("spawning", "ready", "running", "loading")
+
+
+def _kill_instance(p: Pair) -> None:
+    for instance in p.a.daemon.status()["instances"]:
+        p.a.daemon.ok("kill", instance["id"])
+    assert wait_until(lambda: _all_gone(p), 10, poll=0.2)
+
+
+def _whole_text(p: Pair) -> str:
+    """What A alone makes of the same model (a copy, so that no split runner is reused)."""
+    alone = copy_model(p.model)
+    out = p.a.daemon.ok("run", str(alone), PROMPT, "--raw", "--max-tokens", "30").text
+    for r in _alive_runners(p.a):
+        if r["model"] == str(alone):
+            p.a.daemon.ok("kill", r["id"])
+    return out
+
+
+def test_place_splits_unevenly(pair: Pair) -> None:
+    plan = json.loads(pair.a.daemon.ok("place", "split", "--on", _on(pair), "--json").stdout)
+    assert plan["refused"] is None, plan
+    assert [(r["rank"], r["node"]) for r in plan["ranks"]] == [(0, pair.a.id), (1, pair.b.id)]
+    counts = [r["layers"][1] - r["layers"][0] + 1 for r in plan["ranks"]]
+    assert sum(counts) == LAYERS and counts[0] > counts[1], counts
+
+
+def test_split_text_equals_the_single_node_text(pair: Pair) -> None:
+    whole = _whole_text(pair)
+    assert whole.strip()
+    split = pair.a.daemon.ok(
+        "run", "split", PROMPT, "--raw", "--max-tokens", "30", "--on", _on(pair)
+    )
+    assert split.text == whole
+    assert split.stderr == ""
+    # One instance, rank 0 here and rank 1 on B, whose runner runs from B's cache.
+    (instance,) = pair.a.daemon.status()["instances"]
+    assert instance["model"] == "split" and instance["coordinator"] == pair.a.id
+    assert [(r["rank"], r["node"]) for r in instance["ranks"]] == [(0, pair.a.id), (1, pair.b.id)]
+    (b_runner,) = _alive_runners(pair.b)
+    assert "/cache/models/" in b_runner["model_path"]
+    assert instance["ranks"][1]["runner"] == b_runner["id"]
+    # --json's done line names the instance.
+    lines = pair.a.daemon.ok(
+        "run", "split", PROMPT, "--raw", "--max-tokens", "30", "--json"
+    ).json_lines()
+    assert lines[-1]["type"] == "done" and lines[-1]["instance"] == instance["id"]
+    # A run without --on finds the model loaded: the same instance serves it.
+    again = pair.a.daemon.ok("run", "split", PROMPT, "--raw", "--max-tokens", "30")
+    assert again.text == whole
+    # And the HTTP API alike.
+    answer = request(
+        pair.a.http_port,
+        "POST",
+        "/v1/completions",
+        {"model": "split", "prompt": PROMPT, "max_tokens": 30, "temperature": 0},
+    )
+    assert answer.status == 200, answer
+    assert answer.json()["choices"][0]["text"] + "\n" == whole
+
+
+def test_a_second_split_model_is_refused_with_75_while_one_runs(pair: Pair) -> None:
+    # One ring port per node: neither the coordinator nor a member of a running instance
+    # starts another.
+    other = copy_model(pair.model)
+    (instance,) = pair.a.daemon.status()["instances"]
+    before = [r["id"] for r in _alive_runners(pair.a)]
+    for node, on in ((pair.a, _on(pair)), (pair.b, f"{pair.b.id},{pair.a.id}")):
+        result = node.daemon.exoctl(
+            "run", str(other), PROMPT, "--raw", "--max-tokens", "5", "--on", on
+        )
+        assert result.code == 75, result
+        assert result.stdout == b""
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(
+            f"exoctl: this node runs a rank of instance {instance['id']} already"
+        ), line
+        assert "one split model at a time" in line
+    # Nothing of them was started; the first instance runs on.
+    assert [r["id"] for r in _alive_runners(pair.a)] == before
+    assert [i["id"] for i in pair.a.daemon.status()["instances"]] == [instance["id"]]
+    assert pair.b.daemon.status()["instances"] == []
+
+
+def test_kill_of_the_instance_ends_every_rank(pair: Pair) -> None:
+    _kill_instance(pair)
+    kinds = [e["kind"] for e in pair.a.daemon.events()]
+    assert "InstancePlaced" in kinds and "InstanceEnded" in kinds
+
+
+def _long_split_run(p: Pair) -> Any:
+    run = p.a.daemon.exoctl_bg(
+        "run",
+        "split",
+        "Tell me a story",
+        "--raw",
+        "--json",
+        "--max-tokens",
+        LONG_RUN_TOKENS,
+        "--on",
+        _on(p),
+    )
+    assert run.stdout is not None
+    line = run.stdout.readline()
+    while b'"type":"token"' not in line:
+        assert line, run.stderr.read() if run.stderr else ""
+        line = run.stdout.readline()
+    return run
+
+
+def _ends_as_one(p: Pair, run: Any, started: float) -> Result:
+    out, err = run.communicate(timeout=30)
+    result = Result(run.returncode, out, err.decode(errors="replace"))
+    assert result.code == 75, result
+    assert wait_until(lambda: _all_gone(p), KILL_GRACE_S + 2, poll=0.1), (
+        p.a.daemon.status()["runners"],
+        p.b.daemon.status()["runners"] if p.b.daemon.alive() else "B stopped",
+    )
+    assert time.monotonic() - started < KILL_GRACE_S + 2 + 5
+    return result
+
+
+def test_sigkill_of_a_members_rank_runner_ends_every_rank(pair: Pair) -> None:
+    run = _long_split_run(pair)
+    (b_runner,) = _alive_runners(pair.b)
+    started = time.monotonic()
+    os.kill(b_runner["pid"], signal.SIGKILL)
+    result = _ends_as_one(pair, run, started)
+    assert "rank_failed" in result.stderr or "rank" in result.stderr, result
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert pids_alive([b_runner["pid"]]) == []
+    # The next run works.
+    assert pair.a.daemon.ok(
+        "run", "split", PROMPT, "--raw", "--max-tokens", "30", "--on", _on(pair)
+    ).text.strip()
+    _kill_instance(pair)
+
+
+def test_sigkill_of_rank_0_ends_every_rank(pair: Pair) -> None:
+    run = _long_split_run(pair)
+    (a_runner,) = _alive_runners(pair.a)
+    (b_runner,) = _alive_runners(pair.b)
+    started = time.monotonic()
+    os.kill(a_runner["pid"], signal.SIGKILL)
+    result = _ends_as_one(pair, run, started)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert pids_alive([b_runner["pid"]]) == []
+    ended = [e for e in pair.a.daemon.events() if e["kind"] == "InstanceEnded"]
+    assert ended[-1]["reason"] == "rank_failed", ended[-1]
+    assert pair.a.daemon.status()["instances"] == []
+
+
+def test_a_member_gone_silent_ends_every_rank_within_the_peer_timeout(pair: Pair) -> None:
+    # B's exod stops answering (a Mac asleep, a cable pulled): its lease lapses on A.
+    run = _long_split_run(pair)
+    (b_runner,) = _alive_runners(pair.b)
+    started = time.monotonic()
+    assert pair.b.daemon.proc is not None
+    pair.b.daemon.proc.send_signal(signal.SIGSTOP)
+    try:
+        out, err = run.communicate(timeout=PEER_TIMEOUT_S + 10)
+        took = time.monotonic() - started
+        result = Result(run.returncode, out, err.decode(errors="replace"))
+        assert result.code == 75, result
+        assert took < PEER_TIMEOUT_S + 2, took
+        assert "peer_unreachable" in result.stderr or "silent" in result.stderr, result
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        # B's rank fails with its ring even while its exod is stopped.
+        assert wait_until(lambda: pids_alive([b_runner["pid"]]) == [], KILL_GRACE_S + 2, 0.1)
+        assert _alive_runners(pair.a) == []
+    finally:
+        pair.b.daemon.proc.send_signal(signal.SIGCONT)
+    ended = [e for e in pair.a.daemon.events() if e["kind"] == "InstanceEnded"]
+    assert ended[-1]["reason"] == "peer_unreachable", ended[-1]
+    assert wait_until(lambda: _all_gone(pair), 10, poll=0.2)
+    b_id = pair.b.id
+    assert wait_until(lambda: _state(pair.a, b_id) == "alive", 15, poll=0.2)
+
+
+def test_sigkill_of_a_members_exod_ends_every_rank(pair: Pair) -> None:
+    run = _long_split_run(pair)
+    b_pids = pair.b.daemon.runner_pids()
+    started = time.monotonic()
+    pair.b.daemon.stop(signal.SIGKILL)
+    _ends_as_one(pair, run, started)
+    assert wait_until(lambda: pids_alive(b_pids) == [], KILL_GRACE_S + 2, poll=0.1)
+    pair.b.daemon.start()
+    b_id = pair.b.id
+    assert wait_until(lambda: _state(pair.a, b_id) == "alive", 15, poll=0.2)
+    assert pair.a.daemon.ok(
+        "run", "split", PROMPT, "--raw", "--max-tokens", "30", "--on", _on(pair)
+    ).text.strip()
+    _kill_instance(pair)
+
+
+def test_three_nodes_make_the_single_node_text(pair: Pair, tmp_path: Path) -> None:
+    _kill_instance(pair)
+    c = _node(tmp_path / "c", "127.0.0.4", int(_ring_port(pair)), "2G")
+    try:
+        c.daemon.start()
+        token = pair.a.daemon.ok("cluster", "invite").text.strip()
+        c.daemon.ok("cluster", "join", token)
+        c_id = c.id
+        assert wait_until(lambda: _state(pair.a, c_id) == "alive", 15, poll=0.2)
+        whole = _whole_text(pair)
+        on = f"{_on(pair)},{c_id}"
+        split = pair.a.daemon.ok("run", "split", PROMPT, "--raw", "--max-tokens", "30", "--on", on)
+        assert split.text == whole
+        (instance,) = pair.a.daemon.status()["instances"]
+        assert [r["node"] for r in instance["ranks"]] == [pair.a.id, pair.b.id, c_id]
+        assert sum(r["layers"][1] - r["layers"][0] + 1 for r in instance["ranks"]) == LAYERS
+        (c_runner,) = _alive_runners(c)
+        pair.a.daemon.ok("kill", instance["id"])
+        assert wait_until(lambda: _alive_runners(c) == [], 10, poll=0.2)
+        # A member that runs a rank refuses another coordinator's rank: C asks B while A's
+        # instance holds B's ring port.
+        pair.a.daemon.ok("run", "split", PROMPT, "--raw", "--max-tokens", "5", "--on", _on(pair))
+        (held,) = pair.a.daemon.status()["instances"]
+        refused = c.daemon.exoctl(
+            "run",
+            str(pair.model),
+            PROMPT,
+            "--raw",
+            "--max-tokens",
+            "5",
+            "--on",
+            f"{c_id},{pair.b.id}",
+        )
+        assert refused.code == 75, refused
+        (line,) = refused.stderr.strip().splitlines()
+        assert line.startswith(
+            f"exoctl: node {pair.b.id} refused rank 1: it runs a rank of instance {held['id']}"
+        ), line
+        assert _alive_runners(c) == [] and c.daemon.status()["instances"] == []
+        pair.a.daemon.ok("kill", held["id"])
+        assert wait_until(lambda: _all_gone(pair) and _alive_runners(c) == [], 10, poll=0.2)
+        assert pids_alive([c_runner["pid"]]) == []
+    finally:
+        c.daemon.cleanup()
+
+
+def _ring_port(p: Pair) -> str:
+    return p.a.daemon.env["EXOD_RING_PORT"]

@@ -1,0 +1,79 @@
+"""The pure parts of running a model split over members: which ranks a plan asks this node to
+coordinate, the split the ranks are told, the version check, and how status shows instances."""
+
+from __future__ import annotations
+
+import pytest
+
+from exoctl import render
+from exod.cluster import instances, versions
+from exod.cluster.placement import Plan, Rank, Refused
+from exod.errors import ExoError
+from exod.proto.exo.v1 import control_pb2
+
+ME, OTHER = "n-aaaaaaaaaaaa", "n-bbbbbbbbbbbb"
+RANKS = (Rank(0, ME, 4, 4, 300), Rank(1, OTHER, 0, 3, 400))
+
+
+def test_a_split_with_rank_0_here_is_coordinated_here() -> None:
+    assert instances._ranks_here(Plan(ranks=RANKS), ME) == RANKS
+    assert instances._split(RANKS) == [1, 4]
+
+
+def test_a_model_whole_here_needs_no_instance() -> None:
+    assert instances._ranks_here(Plan(whole_on=ME, ranks=(Rank(0, ME, 0, 4, 700),)), ME) == ()
+
+
+@pytest.mark.parametrize(
+    ("plan", "reason", "words"),
+    [
+        (Plan(refused=Refused("model_too_large", "too big")), "model_too_large", "too big"),
+        (
+            Plan(whole_on=OTHER, ranks=(Rank(0, OTHER, 0, 4, 1),)),
+            "invalid_argument",
+            "run it there",
+        ),
+        (
+            Plan(ranks=(Rank(0, OTHER, 4, 4, 1), Rank(1, ME, 0, 3, 1))),
+            "invalid_argument",
+            f"put {ME} first in --on",
+        ),
+    ],
+    ids=["refused", "whole elsewhere", "rank 0 elsewhere"],
+)
+def test_what_is_not_coordinated_here_is_refused(plan: Plan, reason: str, words: str) -> None:
+    with pytest.raises(ExoError) as refused:
+        instances._ranks_here(plan, ME)
+    assert refused.value.reason == reason
+    assert words in refused.value.message
+
+
+def test_versions_that_differ_are_named() -> None:
+    here = {"exod": "0.1.0", "mlx": "0.29.0", "mlx-lm": "0.32.0"}
+    assert versions.mismatch(dict(here), here) is None
+    assert versions.mismatch({}, here) is None  # an earlier coordinator sends none
+    theirs = {**here, "mlx": "0.28.0"}
+    assert versions.mismatch(theirs, here) == "mlx 0.28.0 there, 0.29.0 here"
+    assert set(versions.ours()) == {"exod", "mlx", "mlx-lm"}
+
+
+def test_status_shows_each_rank_of_an_instance() -> None:
+    info = control_pb2.InstanceInfo(id="i-1", model="big", state="running", coordinator=ME)
+    info.ranks.add(rank=0, node=ME, runner="r-1", first_layer=4, last_layer=4, state="ready")
+    info.ranks.add(rank=1, node=OTHER, first_layer=0, last_layer=3, state="spawned")
+    assert render.instance_json(info) == {
+        "id": "i-1",
+        "model": "big",
+        "state": "running",
+        "coordinator": ME,
+        "ranks": [
+            {"rank": 0, "node": ME, "runner": "r-1", "layers": [4, 4], "state": "ready"},
+            {"rank": 1, "node": OTHER, "runner": None, "layers": [0, 3], "state": "spawned"},
+        ],
+    }
+    lines = render.instance_lines([info])
+    assert lines[0] == "INSTANCES"
+    assert lines[1].split() == ["INSTANCE", "MODEL", "RANK", "NODE", "LAYERS", "RUNNER", "STATE"]
+    assert lines[2].split() == ["i-1", "big", "0", ME, "4-4", "r-1", "ready"]
+    assert lines[3].split() == ["i-1", "big", "1", OTHER, "0-3", "-", "spawned"]
+    assert render.instance_lines([]) == []
