@@ -218,21 +218,6 @@ def test_a_refused_request_is_answered_by_rank_0_alone(
     assert generate(runners[0], prompt="Hello", raw=True).done.stop_reason == "length"
 
 
-def test_three_ranks_from_partial_directories_match_the_single_runner(
-    single: Runner, tmp_path: Path
-) -> None:
-    split = [2, 1, 2]
-    paths = [partial(tmp_path, split, i) for i in range(3)]
-    with ranks(split, paths) as runners:
-        for prompt in PROMPTS:
-            assert (
-                generate(runners[0], prompt=prompt, raw=True).text
-                == generate(single, prompt=prompt, raw=True).text
-            )
-        runners[0].send(shutdown=runner_pb2.Shutdown())
-        assert [r.wait(10) for r in runners] == [0, 0, 0]
-
-
 def _gone(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -240,8 +225,11 @@ def _gone(pid: int) -> bool:
         return True
 
 
-@pytest.mark.parametrize("busy", [True, False], ids=["decoding", "idle"])
-@pytest.mark.parametrize("victim", [1, 0])
+# Rank 1 while decoding, rank 0 while idle: the other two cases take the same paths (the end-to-end
+# tests kill a member's rank and rank 0 mid-generation too: tests/integration/test_split_run.py).
+@pytest.mark.parametrize(
+    ("victim", "busy"), [(1, True), (0, False)], ids=["rank-1-decoding", "rank-0-idle"]
+)
 def test_killing_a_rank_ends_the_other_with_rank_failed(victim: int, busy: bool) -> None:
     with ranks([1, 4]) as runners:
         leader, survivor = runners[0], runners[1 - victim]
