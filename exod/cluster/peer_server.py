@@ -389,68 +389,55 @@ class CertificateCheck(_Interceptor):
                 e.reason = "permission_denied"
                 await abort(context, e)
 
-        unary, streaming = handler.unary_unary, handler.unary_stream
-        client_streaming = handler.stream_unary
-        if unary is not None:
-
-            async def checked(request: object, context: Ctx) -> object:
-                await check(context)
-                call = cast("Callable[[object, Ctx], Awaitable[object]]", unary)
-                return await call(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(
-                checked,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if streaming is not None:
-
-            async def checked_stream(request: object, context: Ctx) -> AsyncIterator[object]:
-                await check(context)
-                call = cast("Callable[[object, Ctx], AsyncIterator[object]]", streaming)
-                async for reply in call(request, context):
-                    yield reply
-
-            return grpc.unary_stream_rpc_method_handler(
-                checked_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if client_streaming is not None:
-            # Checked before the handler reads a message: a caller refused here has nothing of
-            # its stream read, let alone written.
-            async def checked_client_stream(
-                requests: AsyncIterator[object], context: Ctx
-            ) -> object:
-                await check(context)
-                call = cast(
-                    "Callable[[AsyncIterator[object], Ctx], Awaitable[object]]", client_streaming
+        # Each call shape gets the same check before its behaviour runs, so a refused caller
+        # has nothing of its request (or its stream) read.
+        answers = (
+            (handler.unary_unary, grpc.unary_unary_rpc_method_handler),
+            (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
+        )
+        for behaviour, make in answers:
+            if behaviour is not None:
+                return make(
+                    _answer_after(check, cast("Answer", behaviour)),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
                 )
-                return await call(requests, context)
-
-            return grpc.stream_unary_rpc_method_handler(
-                checked_client_stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        both = handler.stream_stream
-        if both is not None:
-            # Checked before the handler reads a message, as for client streaming.
-            async def checked_both(
-                requests: AsyncIterator[object], context: Ctx
-            ) -> AsyncIterator[object]:
-                await check(context)
-                call = cast("Callable[[AsyncIterator[object], Ctx], AsyncIterator[object]]", both)
-                async for reply in call(requests, context):
-                    yield reply
-
-            return grpc.stream_stream_rpc_method_handler(
-                checked_both,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+        streams = (
+            (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
+            (handler.stream_stream, grpc.stream_stream_rpc_method_handler),
+        )
+        for behaviour, make_stream in streams:
+            if behaviour is not None:
+                return make_stream(
+                    _stream_after(check, cast("Replies", behaviour)),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer,
+                )
         # A call of another shape must get its own check here before it is served.
         return cast("grpc.RpcMethodHandler[object, object]", None)
+
+
+# A behaviour's first argument is the request, or the requests' iterator: the check is the same.
+Answer = Callable[[object, Ctx], Awaitable[object]]
+Replies = Callable[[object, Ctx], AsyncIterator[object]]
+Check = Callable[[Ctx], Awaitable[None]]
+
+
+def _answer_after(check: Check, behaviour: Answer) -> Answer:
+    async def checked(request: object, context: Ctx) -> object:
+        await check(context)
+        return await behaviour(request, context)
+
+    return checked
+
+
+def _stream_after(check: Check, behaviour: Replies) -> Replies:
+    async def checked(request: object, context: Ctx) -> AsyncIterator[object]:
+        await check(context)
+        async for reply in behaviour(request, context):
+            yield reply
+
+    return checked
 
 
 def check_port(bind: str, port: int) -> None:
