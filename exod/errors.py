@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import grpc
 
@@ -143,3 +143,12 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], err: ExoError) -> N
     reason in the trailing metadata (what exoctl maps to an exit code)."""
     await context.abort(err.code, err.message, trailing_metadata=((REASON_KEY, err.reason),))
     raise AssertionError("unreachable: abort raises")
+
+
+def peer_reason(e: grpc.aio.AioRpcError) -> str | None:
+    """The reason another exod gave for failing a call (its trailing metadata), when it is one
+    of ours: `abort`'s counterpart on the calling side."""
+    # (key, value) pairs at run time, whatever grpc-stubs says of aio's Metadata.
+    pairs = cast("list[tuple[str, str | bytes]]", list(e.trailing_metadata() or ()))
+    reason = next((v for k, v in pairs if k == REASON_KEY), "")
+    return reason if isinstance(reason, str) and reason in REASONS else None

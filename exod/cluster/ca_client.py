@@ -10,13 +10,13 @@ peer_unreachable naming the node, and nothing changed.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import grpc
 
 from exod.cluster import tls_store
 from exod.cluster.peer_server import KEEPALIVE, endpoint
-from exod.errors import REASON_KEY, REASONS, ExoError
+from exod.errors import REASONS, ExoError, peer_reason
 from exod.eventlog.fold import MemberView
 from exod.proto.exo.v1 import peer_pb2_grpc
 
@@ -65,10 +65,8 @@ async def call(
 
 
 def refusal(e: grpc.aio.AioRpcError, who: str, doing: str) -> ExoError:
-    # (key, value) pairs at run time, whatever grpc-stubs says of aio's Metadata.
-    pairs = cast("list[tuple[str, str | bytes]]", list(e.trailing_metadata() or ()))
-    reason = next((v for k, v in pairs if k == REASON_KEY), "")
-    if isinstance(reason, str) and reason in REASONS:
+    reason = peer_reason(e)
+    if reason is not None:
         return ExoError(reason, e.details() or REASONS[reason].summary)
     if e.code() == grpc.StatusCode.UNIMPLEMENTED:
         # A CA's node of an earlier release (peer protocol 1.0): it serves Leave and Renew only.

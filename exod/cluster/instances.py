@@ -22,7 +22,6 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import cast
 
 import grpc
 
@@ -34,7 +33,7 @@ from exod.cluster.planning import Planner
 from exod.cluster.protocol import PROTOCOL_VERSION
 from exod.cluster.weights_push import push_layers
 from exod.config import Settings
-from exod.errors import REASON_KEY, REASONS, ExoError
+from exod.errors import ExoError, peer_reason
 from exod.eventlog import StoreError
 from exod.eventlog.fold import MemberView
 from exod.journal import Journal
@@ -432,10 +431,8 @@ _GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.St
 
 def _refusal(e: grpc.aio.AioRpcError, member: str) -> ExoError:
     """A member's refusal of its rank, as it gave it."""
-    # (key, value) pairs at run time, whatever grpc-stubs says of aio's Metadata.
-    pairs = cast("list[tuple[str, str | bytes]]", list(e.trailing_metadata() or ()))
-    reason = next((v for k, v in pairs if k == REASON_KEY), "")
-    if isinstance(reason, str) and reason in REASONS:
+    reason = peer_reason(e)
+    if reason is not None:
         return ExoError(reason, f"node {member} refused its rank: {e.details()}")
     if e.code() == grpc.StatusCode.UNIMPLEMENTED:
         return ExoError(

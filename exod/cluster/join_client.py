@@ -25,7 +25,7 @@ from exod.cluster import addresses, invite, pki, tls_store
 from exod.cluster.invite import Invite
 from exod.cluster.peer_server import KEEPALIVE, endpoint
 from exod.cluster.protocol import PROTOCOL_VERSION, check_version
-from exod.errors import REASON_KEY, REASONS, ExoError
+from exod.errors import REASONS, ExoError, peer_reason
 from exod.proto.exo.v1 import events_pb2, peer_pb2, peer_pb2_grpc
 
 
@@ -199,10 +199,8 @@ def ca_node_of(reply: peer_pb2.JoinReply, inviter: Inviter) -> str:
 
 
 def _refusal(e: grpc.aio.AioRpcError, target: str, timeout: float) -> ExoError:
-    # (key, value) pairs at run time, whatever grpc-stubs says of aio's Metadata.
-    pairs = cast("list[tuple[str, str | bytes]]", list(e.trailing_metadata() or ()))
-    reason = next((v for k, v in pairs if k == REASON_KEY), "")
-    if isinstance(reason, str) and reason in REASONS:
+    reason = peer_reason(e)
+    if reason is not None:
         return ExoError(reason, e.details() or REASONS[reason].summary)
     if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return ExoError(

@@ -29,7 +29,7 @@ import grpc
 from exod.cluster import tls_store
 from exod.cluster.peer_server import KEEPALIVE, endpoint
 from exod.cluster.protocol import PROTOCOL_VERSION
-from exod.errors import REASON_KEY, REASONS, ExoError
+from exod.errors import REASONS, ExoError, peer_reason
 from exod.eventlog.fold import MemberView
 from exod.models.manifest import Manifest, manifest_of
 from exod.proto.exo.v1 import peer_pb2, peer_pb2_grpc
@@ -232,10 +232,8 @@ async def _reply(
 
 def refusal(e: grpc.aio.AioRpcError, member: str) -> ExoError:
     """A member's answer as an ExoError: its reason and message as it gave them."""
-    # (key, value) pairs at run time, whatever grpc-stubs says of aio's Metadata.
-    pairs = cast("list[tuple[str, str | bytes]]", list(e.trailing_metadata() or ()))
-    reason = next((v for k, v in pairs if k == REASON_KEY), "")
-    if isinstance(reason, str) and reason in REASONS:
+    reason = peer_reason(e)
+    if reason is not None:
         return ExoError(reason, e.details() or REASONS[reason].summary)
     if e.code() == grpc.StatusCode.UNIMPLEMENTED:
         return ExoError(
