@@ -216,10 +216,11 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         self,
         request_iterator: AsyncIterator[peer_pb2.ModelChunk],
         context: grpc.aio.ServicerContext[peer_pb2.ModelChunk, peer_pb2.PushModelReply],
-    ) -> peer_pb2.PushModelReply:
+    ) -> AsyncIterator[peer_pb2.PushModelReply]:
         try:
             sender = caller_id(cast("Ctx", context), self._ca_cert, time.time())
-            return await weights_receive.receive(self._cache(), request_iterator, sender)
+            async for reply in weights_receive.receive(self._cache(), request_iterator, sender):
+                yield reply
         except ExoError as e:
             await abort(context, e)
 

@@ -22,7 +22,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import grpc
 
@@ -176,31 +175,13 @@ async def _stream(
     member: str,
     timeout: float,  # noqa: ASYNC109  # EXOD_PEER_TIMEOUT: the stall is a few of them
 ) -> peer_pb2.PushModelReply:
-    failed: list[ExoError] = []
-
-    async def messages() -> AsyncIterator[peer_pb2.ModelChunk]:
-        # An error here (a file that changed) ends the call, which says only "cancelled".
-        try:
-            async for message in chunks(directory, manifest, sent.add):
-                yield message
-        except ExoError as e:
-            failed.append(e)
-            raise
-        except OSError as e:
-            failed.append(ExoError("model_unreadable", f"cannot read {directory} to send it: {e}"))
-            raise
-
-    # The stubs' call type is awaitable and cancellable at run time.
-    call = cast(
-        "grpc.aio.StreamUnaryCall[object, peer_pb2.PushModelReply]", stub.PushModel(messages())
-    )
-    done = asyncio.ensure_future(_reply(call))
+    call = stub.PushModel(None)  # written to by exchange
+    done = asyncio.ensure_future(exchange(call, chunks(directory, manifest, sent.add)))
     stall = STALL_PEER_TIMEOUTS * timeout
     try:
         while not done.done():
             await asyncio.wait({done}, timeout=min(1.0, stall))
             if not done.done() and time.monotonic() - sent.moved > stall:
-                call.cancel()
                 raise ExoError(
                     "peer_unreachable",
                     f"node {member} took no bytes of the model for {stall:g}s "
@@ -210,10 +191,11 @@ async def _stream(
     finally:
         if not done.done():
             done.cancel()
-    if failed:
-        raise failed[0]
+            await asyncio.wait({done})
     try:
         return done.result()
+    except OSError as e:
+        raise ExoError("model_unreadable", f"cannot read {directory} to send it: {e}") from None
     except grpc.aio.AioRpcError as e:
         if e.code() in _GONE:
             raise ExoError(
@@ -224,10 +206,75 @@ async def _stream(
         raise refusal(e, member) from None
 
 
-async def _reply(
-    call: grpc.aio.StreamUnaryCall[object, peer_pb2.PushModelReply],
+PushCall = grpc.aio.StreamStreamCall[peer_pb2.ModelChunk, peer_pb2.PushModelReply]
+
+
+async def exchange(
+    call: PushCall, messages: AsyncIterator[peer_pb2.ModelChunk]
 ) -> peer_pb2.PushModelReply:
-    return await call
+    """The sender's side of one PushModel call, `messages` being the manifest and then the
+    bytes: the member's last reply. AioRpcError is the member's refusal as it gave it; an error
+    of `messages` (the sender's own) ends the call and is raised.
+
+    It writes only when the member has said to (peer.proto, PushModelReply): gRPC's asyncio
+    client reports a write that meets the call's end as INTERNAL, in place of the status the
+    member ended it with (grpc/grpc#36066), so the member never ends a call under a write."""
+    try:
+        await _answer(call)  # the call is taken: the caller's certificate passed
+        first = await anext(messages, None)
+        if first is not None:
+            await call.write(first)
+            answer = await _answer(call)
+            if not answer.ready:  # held already: nothing more is read
+                await call.done_writing()
+                return answer
+        stop = asyncio.Event()
+        sending = asyncio.ensure_future(_send(call, messages, stop))
+        reading = asyncio.ensure_future(_answer(call))
+        try:
+            await asyncio.wait({sending, reading}, return_when=asyncio.FIRST_COMPLETED)
+            if not reading.done():
+                _raise_own(sending)
+            answer = await reading
+            if answer.stop:  # the member refuses: it reads on until this side half-closes
+                stop.set()
+                await asyncio.wait({sending})
+                _raise_own(sending)
+                answer = await _answer(call)  # its reason, now that no write is going
+            return answer
+        finally:
+            for task in (sending, reading):
+                task.cancel()
+    except BaseException:
+        call.cancel()  # on the sender's own error; nothing once the member has ended the call
+        raise
+
+
+async def _send(
+    call: PushCall, messages: AsyncIterator[peer_pb2.ModelChunk], stop: asyncio.Event
+) -> None:
+    async for message in messages:
+        if stop.is_set():
+            break
+        await call.write(message)
+    await call.done_writing()
+
+
+def _raise_own(sending: asyncio.Future[None]) -> None:
+    """The error `sending` (done) ended with, when it is the sender's own: a write that met the
+    call's end is not, as the member's answer says why the call ended."""
+    error = sending.exception()
+    if error is not None and not isinstance(
+        error, (grpc.aio.AioRpcError, asyncio.InvalidStateError)
+    ):
+        raise error
+
+
+async def _answer(call: PushCall) -> peer_pb2.PushModelReply:
+    reply = await call.read()
+    if not isinstance(reply, peer_pb2.PushModelReply):  # grpc.aio.EOF
+        raise ExoError("internal", "the member ended the push without an answer")
+    return reply
 
 
 def refusal(e: grpc.aio.AioRpcError, member: str) -> ExoError:

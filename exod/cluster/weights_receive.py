@@ -5,7 +5,8 @@ The caller's certificate was checked before any of this runs (peer_server.Certif
 The first message is the manifest: checked whole (paths, sizes, its key) before room is made for
 it; a key held already is answered at once, its chunks unread. Files are written and hashed as
 they arrive (exod/models/receive.py); on any refusal, and when the sender hangs up, what was
-written is deleted.
+written is deleted. The sender writes only when told to (PushModelReply in peer.proto), so that
+a refusal reaches it as the member gave it.
 """
 
 from __future__ import annotations
@@ -47,9 +48,11 @@ def has(cache: ModelCache, request: peer_pb2.HasModelRequest) -> peer_pb2.HasMod
 
 async def receive(
     cache: ModelCache, requests: AsyncIterator[peer_pb2.ModelChunk], sender: str
-) -> peer_pb2.PushModelReply:
-    """Take one pushed model into the cache from `sender` (a node id); ExoError when it is
-    refused (nothing kept)."""
+) -> AsyncIterator[peer_pb2.PushModelReply]:
+    """Take one pushed model into the cache from `sender` (a node id), answering as
+    PushModelReply says; ExoError when it is refused (nothing kept). A refusal raised here
+    always finds the sender waiting for an answer, not writing (see peer.proto)."""
+    yield _reply()  # taken: send the manifest
     first = await anext(requests, None)
     if first is None or not first.HasField("manifest"):
         raise ExoError(
@@ -62,7 +65,8 @@ async def receive(
     receiving = f"node {cache.node_id} refused model {shown}… from node {sender}"
     key, manifest = manifest_of(first.manifest, receiving)
     if await asyncio.to_thread(cache.has, key):
-        return peer_pb2.PushModelReply(protocol_version=PROTOCOL_VERSION, had=True)
+        yield _reply(had=True)
+        return
     reserving = _in_thread(cache.reserve, key, manifest.total)
     try:
         incoming = await _settled(reserving)
@@ -72,7 +76,40 @@ async def receive(
             reserving.result().abort()
         raise
     receiver = Receiver(incoming.path, manifest, receiving)
-    # One chunk is written and hashed in a thread while the next one is read off the stream.
+    try:
+        yield _reply(ready=True)
+        await _write(receiver, requests, receiving)
+        await _settled(_in_thread(incoming.commit))
+    except ExoError:
+        receiver.close()
+        incoming.abort()
+        # The sender may be writing: it is told to stop, and the call ends only once it has
+        # half-closed, so that its client reports this refusal and not a failed write.
+        yield _reply(stop=True)
+        async for _ in requests:
+            pass
+        raise
+    except BaseException:
+        # The sender hung up (the call is cancelled): nothing half-written stays.
+        receiver.close()
+        incoming.abort()
+        raise
+    log.info(
+        "received model %s from node %s: %d files, %d bytes",
+        shown,
+        sender,
+        len(manifest.files),
+        receiver.received,
+    )
+    yield _reply(bytes_received=receiver.received)
+
+
+async def _write(
+    receiver: Receiver, requests: AsyncIterator[peer_pb2.ModelChunk], receiving: str
+) -> None:
+    """Every chunk through `receiver`, then its last checks. One chunk is written and hashed in
+    a thread while the next one is read off the stream; when this ends, no write is going (the
+    cleanup that follows must not delete under one)."""
     writing: asyncio.Future[None] | None = None
     try:
         async for chunk in requests:
@@ -85,25 +122,22 @@ async def receive(
         if writing is not None:
             await _settled(writing)
         await _settled(_in_thread(receiver.finish))
-        await _settled(_in_thread(incoming.commit))
     except BaseException:
-        # Also when the sender hangs up (the call is cancelled): nothing half-written stays,
-        # and nothing is deleted under a write still going.
         if writing is not None:
             await asyncio.wait({writing})
             writing.exception()  # retrieved: an error of it is not the one that ends the call
-        receiver.close()
-        incoming.abort()
         raise
-    log.info(
-        "received model %s from node %s: %d files, %d bytes",
-        shown,
-        sender,
-        len(manifest.files),
-        receiver.received,
-    )
+
+
+def _reply(
+    *, had: bool = False, ready: bool = False, stop: bool = False, bytes_received: int = 0
+) -> peer_pb2.PushModelReply:
     return peer_pb2.PushModelReply(
-        protocol_version=PROTOCOL_VERSION, had=False, bytes_received=receiver.received
+        protocol_version=PROTOCOL_VERSION,
+        had=had,
+        ready=ready,
+        stop=stop,
+        bytes_received=bytes_received,
     )
 
 

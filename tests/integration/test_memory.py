@@ -137,13 +137,16 @@ def test_a_crashed_runners_memory_comes_back(daemon_factory: list[Daemon], tmp_p
     at = time.monotonic()
     group.kill_runner(signal.SIGKILL)
     group.wait_gone(at, timeout=5)
+    # The machine's available memory is shared with whatever else runs (a CI host's other
+    # jobs took 240 MiB in these 5 s once): half of the runner's is the bar, which a runner
+    # whose memory stayed held (a survivor, a segment left behind) is far below.
     best = 0
     while time.monotonic() - at < 5:
         best = max(best, psutil.virtual_memory().available - before)
-        if best >= 0.8 * uss:
+        if best >= 0.5 * uss:
             break
         time.sleep(0.05)
-    assert best >= 0.8 * uss, f"{best / MIB:.0f} MiB of {uss / MIB:.0f} MiB came back within 5 s"
+    assert best >= 0.5 * uss, f"{best / MIB:.0f} MiB of {uss / MIB:.0f} MiB came back within 5 s"
     assert group.members() == []
 
 

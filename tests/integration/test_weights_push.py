@@ -164,7 +164,7 @@ async def _raw_push(
     target = f"{MEMBER_ADDRESS}:{member.peer_port}"
 
     async def push(stub: peer_pb2_grpc.PeerAsyncStub) -> peer_pb2.PushModelReply:
-        return await stub.PushModel(messages)
+        return await weights_push.exchange(stub.PushModel(None), messages)
 
     return await _stub_call(target, _mtls(material), push)()
 
@@ -283,11 +283,13 @@ def _flipped(source: Path, manifest: Manifest, at: int) -> AsyncIterator[peer_pb
     return messages()
 
 
-@pytest.mark.parametrize("at", [0, 2], ids=["first chunk", "last chunk"])
+# a.bin is sent first: a flip in it is refused while 8 MiB of w.bin are still to come, so the
+# sender must be told to stop; a flip in w.bin's last chunk is refused after it half-closed.
+@pytest.mark.parametrize("at", [0, 9], ids=["midway", "last chunk"])
 def test_a_flipped_byte_is_refused_as_corrupt_and_nothing_stays(
     tmp_path: Path, ca: Ca, at: int
 ) -> None:
-    source = _random_dir(tmp_path / "src", {"w.bin": 2 * MIB + 5})
+    source = _random_dir(tmp_path / "src", {"a.bin": 5, "w.bin": 8 * MIB + 5})
     manifest = manifest_of(source)
     material = ca.material(SENDER)
 
@@ -300,7 +302,8 @@ def test_a_flipped_byte_is_refused_as_corrupt_and_nothing_stays(
     assert reason == "weights_corrupt"
     assert exit_code(reason, None) == Exit.CANNOT_RUN
     assert message.startswith(f"node {MEMBER} refused model {manifest.key[:16]}… from node ")
-    assert "'w.bin' whose SHA-256 is" in message and "nothing of it was kept" in message
+    flipped = "a.bin" if at == 0 else "w.bin"
+    assert f"'{flipped}' whose SHA-256 is" in message and "nothing of it was kept" in message
     assert kept == []
 
 
@@ -451,7 +454,9 @@ def test_a_caller_without_a_certificate_of_this_cluster_is_refused_before_a_byte
 
     async def scenario(member: Member) -> list[tuple[grpc.StatusCode, str, str]]:
         async def push(stub: peer_pb2_grpc.PeerAsyncStub) -> peer_pb2.PushModelReply:
-            return await stub.PushModel(weights_push.chunks(source, manifest))
+            return await weights_push.exchange(
+                stub.PushModel(None), weights_push.chunks(source, manifest)
+            )
 
         results = []
         calls = [
@@ -480,7 +485,7 @@ def test_a_caller_without_a_certificate_of_this_cluster_is_refused_before_a_byte
         return results
 
     no_cert, removed, stranger_result = _serving(tmp_path / "member", ca, 1 << 30, scenario)
-    assert no_cert[:2] == (grpc.StatusCode.PERMISSION_DENIED, "permission_denied")
+    assert no_cert[:2] == (grpc.StatusCode.PERMISSION_DENIED, "permission_denied"), no_cert
     assert "this call needs a certificate of this cluster" in no_cert[2]
     assert removed[:2] == (grpc.StatusCode.PERMISSION_DENIED, "permission_denied")
     assert f"node {SENDER} was removed from this cluster" in removed[2]

@@ -727,25 +727,38 @@ Global___ModelChunk: _TypeAlias = ModelChunk  # noqa: Y015
 
 @_typing.final
 class PushModelReply(_message.Message):
+    """The member's side of a push, in order: an empty reply (the call is taken: send the
+    manifest); then `had` (held already: send nothing more) or `ready` (room is made: send the
+    bytes); then the last reply, `bytes_received`, once the sender has half-closed and all was
+    kept. A member that refuses after `ready` says `stop`, reads on until the sender half-closes,
+    and then ends the call with its reason; any other refusal ends the call while the sender waits.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     HAD_FIELD_NUMBER: _builtins.int
     BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.str
     had: _builtins.bool
     """held already: nothing was read"""
     bytes_received: _builtins.int
+    ready: _builtins.bool
+    stop: _builtins.bool
     def __init__(
         self,
         *,
         protocol_version: _builtins.str = ...,
         had: _builtins.bool = ...,
         bytes_received: _builtins.int = ...,
+        ready: _builtins.bool = ...,
+        stop: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "had", b"had", "protocol_version", b"protocol_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "had", b"had", "protocol_version", b"protocol_version", "ready", b"ready", "stop", b"stop"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -79,7 +79,7 @@ class PeerStub:
                 request_serializer=exo_dot_v1_dot_peer__pb2.HasModelRequest.SerializeToString,
                 response_deserializer=exo_dot_v1_dot_peer__pb2.HasModelReply.FromString,
                 _registered_method=True)
-        self.PushModel = channel.stream_unary(
+        self.PushModel = channel.stream_stream(
                 '/exo.v1.Peer/PushModel',
                 request_serializer=exo_dot_v1_dot_peer__pb2.ModelChunk.SerializeToString,
                 response_deserializer=exo_dot_v1_dot_peer__pb2.PushModelReply.FromString,
@@ -168,6 +168,8 @@ class PeerServicer:
         ModelManifest first, then the files' bytes in order. Each file's SHA-256 is computed while
         it streams; any mismatch, overrun, path outside the directory, or stream that ends short
         leaves nothing behind. A key held already is answered at once (`had`), its chunks unread.
+        The sender writes only when the member has said to (see PushModelReply): gRPC's asyncio
+        client reports a write that meets the call's end as INTERNAL, hiding the member's reason.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -232,7 +234,7 @@ def add_PeerServicer_to_server(servicer, server):
                     request_deserializer=exo_dot_v1_dot_peer__pb2.HasModelRequest.FromString,
                     response_serializer=exo_dot_v1_dot_peer__pb2.HasModelReply.SerializeToString,
             ),
-            'PushModel': grpc.stream_unary_rpc_method_handler(
+            'PushModel': grpc.stream_stream_rpc_method_handler(
                     servicer.PushModel,
                     request_deserializer=exo_dot_v1_dot_peer__pb2.ModelChunk.FromString,
                     response_serializer=exo_dot_v1_dot_peer__pb2.PushModelReply.SerializeToString,
@@ -507,7 +509,7 @@ class Peer:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
+        return grpc.experimental.stream_stream(
             request_iterator,
             target,
             '/exo.v1.Peer/PushModel',

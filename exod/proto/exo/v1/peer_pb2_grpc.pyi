@@ -71,11 +71,13 @@ class PeerStub:
     """Whether this node's model cache holds the model directory `key` complete. A sender asks
     first, so that nothing is streamed that is held already; a yes counts as a use (LRU).
     """
-    PushModel: _grpc.StreamUnaryMultiCallable[_peer_pb2.ModelChunk, _peer_pb2.PushModelReply]
+    PushModel: _grpc.StreamStreamMultiCallable[_peer_pb2.ModelChunk, _peer_pb2.PushModelReply]
     """A model directory (one rank's part of a split model) for this node's model cache: a
     ModelManifest first, then the files' bytes in order. Each file's SHA-256 is computed while
     it streams; any mismatch, overrun, path outside the directory, or stream that ends short
     leaves nothing behind. A key held already is answered at once (`had`), its chunks unread.
+    The sender writes only when the member has said to (see PushModelReply): gRPC's asyncio
+    client reports a write that meets the call's end as INTERNAL, hiding the member's reason.
     """
     Rank: _grpc.StreamStreamMultiCallable[_peer_pb2.RankUp, _peer_pb2.RankDown]
     """Run one rank of a split model here, for as long as the stream lasts: the stream IS the
@@ -119,11 +121,13 @@ class PeerAsyncStub(PeerStub):
     """Whether this node's model cache holds the model directory `key` complete. A sender asks
     first, so that nothing is streamed that is held already; a yes counts as a use (LRU).
     """
-    PushModel: _aio.StreamUnaryMultiCallable[_peer_pb2.ModelChunk, _peer_pb2.PushModelReply]  # type: ignore[assignment]
+    PushModel: _aio.StreamStreamMultiCallable[_peer_pb2.ModelChunk, _peer_pb2.PushModelReply]  # type: ignore[assignment]
     """A model directory (one rank's part of a split model) for this node's model cache: a
     ModelManifest first, then the files' bytes in order. Each file's SHA-256 is computed while
     it streams; any mismatch, overrun, path outside the directory, or stream that ends short
     leaves nothing behind. A key held already is answered at once (`had`), its chunks unread.
+    The sender writes only when the member has said to (see PushModelReply): gRPC's asyncio
+    client reports a write that meets the call's end as INTERNAL, hiding the member's reason.
     """
     Rank: _aio.StreamStreamMultiCallable[_peer_pb2.RankUp, _peer_pb2.RankDown]  # type: ignore[assignment]
     """Run one rank of a split model here, for as long as the stream lasts: the stream IS the
@@ -224,11 +228,13 @@ class PeerServicer(metaclass=_abc_1.ABCMeta):
         self,
         request_iterator: _MaybeAsyncIterator[_peer_pb2.ModelChunk],
         context: _ServicerContext,
-    ) -> _typing.Union[_peer_pb2.PushModelReply, _abc.Awaitable[_peer_pb2.PushModelReply]]:
+    ) -> _typing.Union[_abc.Iterator[_peer_pb2.PushModelReply], _abc.AsyncIterator[_peer_pb2.PushModelReply]]:
         """A model directory (one rank's part of a split model) for this node's model cache: a
         ModelManifest first, then the files' bytes in order. Each file's SHA-256 is computed while
         it streams; any mismatch, overrun, path outside the directory, or stream that ends short
         leaves nothing behind. A key held already is answered at once (`had`), its chunks unread.
+        The sender writes only when the member has said to (see PushModelReply): gRPC's asyncio
+        client reports a write that meets the call's end as INTERNAL, hiding the member's reason.
         """
 
     @_abc_1.abstractmethod
