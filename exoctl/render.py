@@ -272,6 +272,8 @@ def instance_json(i: control_pb2.InstanceInfo) -> dict[str, Any]:
                 "runner": r.runner or None,
                 "layers": [r.first_layer, r.last_layer],
                 "state": r.state,
+                "weights_sent": r.weights_sent,
+                "weights_total": r.weights_total,
             }
             for r in i.ranks
         ],
@@ -292,12 +294,19 @@ def instance_lines(instances: Sequence[control_pb2.InstanceInfo]) -> list[str]:
             r.node,
             f"{r.first_layer}-{r.last_layer}",
             r.runner or "-",
-            r.state,
+            _rank_state(r),
         ]
         for i in instances
         for r in i.ranks
     ]
     return ["INSTANCES", *table(INSTANCE_COLUMNS, rows)] if rows else []
+
+
+def _rank_state(r: control_pb2.InstanceRank) -> str:
+    """`sending 12.0/48.5 MB (24%)` while its node receives its part; its state otherwise."""
+    if r.state == "sending" and r.weights_total > 0:
+        return f"sending {_share(r.weights_sent, r.weights_total)}"
+    return r.state
 
 
 # The columns of the NODES section of `exoctl status` in a cluster (docs/cli.md).
@@ -463,12 +472,19 @@ def error_json(reason: str | None, message: str, exit_code: int) -> dict[str, An
 
 
 def progress_text(progress: control_pb2.Progress) -> str:
-    """`loading weights 3/24`; the counts that are unknown are left out."""
+    """`loading weights 3/24`, `sending weights to n-… 12.0/48.5 MB (24%)`; the counts that
+    are unknown are left out."""
+    if progress.unit == "bytes" and progress.total > 0:
+        return f"{progress.phase} {_share(progress.current, progress.total)}"
     if progress.total > 0:
         return f"{progress.phase} {progress.current}/{progress.total}"
     if progress.current > 0:
         return f"{progress.phase} {progress.current}"
     return progress.phase
+
+
+def _share(done: int, total: int) -> str:
+    return f"{done / 1e6:.1f}/{total / 1e6:.1f} MB ({100 * done // total}%)"
 
 
 def started_text(started: control_pb2.RunStarted) -> str:

@@ -192,7 +192,8 @@ def check_socket_path(path: Path) -> None:
 
 
 def close_interrupted(journal: Journal) -> None:
-    """Close every runner and run that the log says was alive: they died with the last exod."""
+    """Close every runner, run and split model's instance that the log says was alive: they
+    died with the last exod."""
     for view in alive_runners(journal.state):
         if process.same_process(view.pid, view.start_time):
             survivors = process.kill_group_now(view.pid)
@@ -210,6 +211,14 @@ def close_interrupted(journal: Journal) -> None:
             run_id=run.id, stop_reason="interrupted", reason="interrupted"
         )
         journal.append(events_pb2.Event(run_finished=finished))
+    for instance_id, model in list(journal.state.instances.items()):
+        ended = events_pb2.InstanceEnded(
+            instance_id=instance_id,
+            reason="interrupted",
+            message=f"exod stopped while instance {instance_id} ({model}) ran; its members "
+            "ended their ranks when its lease lapsed (EXOD_PEER_TIMEOUT): run it again",
+        )
+        journal.append(events_pb2.Event(instance_ended=ended))
 
 
 def open_journal(settings: Settings, node_id: str) -> Journal:

@@ -16,7 +16,7 @@ import secrets
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
-from exod.cluster.instances import Instances
+from exod.cluster.instances import Instances, Progress
 from exod.config import Settings
 from exod.errors import ExoError
 from exod.eventlog import StoreError
@@ -193,14 +193,17 @@ class Runs:
         self.instances = instances
         self._ending: set[asyncio.Task[None]] = set()  # cancelled runs awaiting their end
 
-    async def start(self, request: control_pb2.RunRequest) -> Run:
-        """Admit a run and queue it on its model's runner; raises ExoError when refused."""
+    async def start(
+        self, request: control_pb2.RunRequest, progress: Progress = lambda _: None
+    ) -> Run:
+        """Admit a run and queue it on its model's runner; raises ExoError when refused.
+        `progress` hears how the start of a split model goes (weights sent to members)."""
         self.journal.check_writable("accept runs")
         files = await self._admit(request)
         if self.instances is not None:
             # --on places it; else a model that fits here runs whole here as ever, and one
             # that does not is split over the members when the plan says so.
-            await self.instances.ensure(request.model, files, list(request.on))
+            await self.instances.ensure(request.model, files, list(request.on), progress)
         # --force skips the estimate, never the cap: the supervisor still enforces that.
         need = None if request.force else admission.estimate(files.weight_bytes)
         run_id = "run-" + secrets.token_hex(4)

@@ -20,7 +20,8 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -43,6 +44,10 @@ from exod.runners.supervisor import Runner, Supervisor
 
 log = logging.getLogger(__name__)
 
+# Told how the start of an instance goes (the weights sent to members), for `exoctl run`.
+Progress = Callable[[control_pb2.Progress], None]
+PROGRESS_EVERY_S = 0.25  # the most often a run is told of bytes sent
+
 RankCall = grpc.aio.StreamStreamCall[peer_pb2.RankUp, peer_pb2.RankDown]
 
 
@@ -55,9 +60,11 @@ class Link:
     channel: grpc.aio.Channel | None = None
     call: RankCall | None = None
     replies: AsyncIterator[peer_pb2.RankDown] | None = None
-    state: str = "starting"  # starting, spawned, ready, ended
+    state: str = "starting"  # starting, sending, spawned, ready, ended
     runner_id: str = ""
     key: str = ""  # its part's cache key, once pushed
+    sent: int = 0  # bytes of its part streamed to the member so far
+    total: int = 0  # bytes of its part: 0 until it is written out and hashed
 
 
 @dataclass(eq=False)
@@ -96,7 +103,13 @@ class Instances:
 
     # --- starting ---------------------------------------------------------------------------------
 
-    async def ensure(self, model: str, files: ModelFiles, forced: list[str]) -> None:
+    async def ensure(
+        self,
+        model: str,
+        files: ModelFiles,
+        forced: list[str],
+        progress: Progress = lambda _: None,
+    ) -> None:
         """Start the instance that runs `model` split, when the plan splits it and no runner
         runs it here yet; nothing when it runs whole here. Without `forced` (no --on), only a
         plan that splits it counts: anything else leaves the run to this node's own admission,
@@ -121,9 +134,11 @@ class Instances:
             ranks = _ranks_here(plan, self._id)
             if not ranks:
                 return
-            await self._start(model, files, ranks)
+            await self._start(model, files, ranks, progress)
 
-    async def _start(self, model: str, files: ModelFiles, ranks: tuple[Rank, ...]) -> None:
+    async def _start(
+        self, model: str, files: ModelFiles, ranks: tuple[Rank, ...], progress: Progress
+    ) -> None:
         material = self._cluster.material
         if material is None:
             raise ExoError(
@@ -135,7 +150,7 @@ class Instances:
         self._log_placed(instance)
         self.instances[instance.id] = instance
         try:
-            await self._push(instance, material, files)
+            await self._push(instance, material, files, progress)
             hosts = self._hosts(instance)
             await asyncio.gather(*(self._open(instance, link, material, hosts) for link in links))
             rank = _rank_message(ranks[0], ranks, hosts, self._ring_timeout())
@@ -203,12 +218,34 @@ class Instances:
         return hosts
 
     async def _push(
-        self, instance: Instance, material: tls_store.Material, files: ModelFiles
+        self,
+        instance: Instance,
+        material: tls_store.Material,
+        files: ModelFiles,
+        progress: Progress,
     ) -> None:
         scratch = self._settings.home / "cache" / "outgoing"
+        nodes = ", ".join(link.member.id for link in instance.links)
+        told = 0.0
+
+        def tell(force: bool = False) -> None:
+            nonlocal told
+            now = time.monotonic()
+            if force or now - told >= PROGRESS_EVERY_S:
+                told = now
+                sent = sum(link.sent for link in instance.links)
+                total = sum(link.total for link in instance.links)
+                phase = f"sending weights to {nodes}"
+                progress(control_pb2.Progress(phase=phase, current=sent, total=total, unit="bytes"))
 
         async def one(link: Link) -> None:
             r = link.rank
+            link.state = "sending"
+
+            def moved(sent: int, total: int) -> None:
+                link.sent, link.total = sent, total
+                tell(force=sent == total)
+
             pushed = await push_layers(
                 material,
                 link.member,
@@ -216,8 +253,10 @@ class Instances:
                 range(r.first_layer, r.last_layer + 1),
                 scratch=scratch,
                 timeout=self._settings.peer_timeout,
+                progress=moved,
             )
             link.key = pushed.key
+            link.state = "starting"
             log.info(
                 "%s: rank %d's part (%d bytes) %s node %s",
                 instance.id,
@@ -227,6 +266,7 @@ class Instances:
                 link.member.id,
             )
 
+        progress(control_pb2.Progress(phase=f"writing out the layers for {nodes}"))
         await asyncio.gather(*(one(link) for link in instance.links))
 
     async def _open(
@@ -421,6 +461,8 @@ class Instances:
                     first_layer=link.rank.first_layer,
                     last_layer=link.rank.last_layer,
                     state=link.state,
+                    weights_sent=link.sent,
+                    weights_total=link.total,
                 )
             out.append(info)
         return out

@@ -24,7 +24,7 @@ import grpc
 import psutil
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from exod import API_VERSION, __version__
+from exod import API_VERSION, __version__, runs
 from exod.cluster.control import Cluster
 from exod.cluster.instances import Instances
 from exod.cluster.placement import Plan
@@ -93,10 +93,20 @@ class ControlService(control_pb2_grpc.ControlServicer):
         request: control_pb2.RunRequest,
         context: grpc.aio.ServicerContext[control_pb2.RunRequest, control_pb2.RunReply],
     ) -> AsyncIterator[control_pb2.RunReply]:
+        # A split model's start may send its weights to members first: its progress is told
+        # while the run is started.
+        told: asyncio.Queue[control_pb2.Progress] = asyncio.Queue()
+        starting = asyncio.ensure_future(self._runs.start(request, told.put_nowait))
+        run: runs.Run | None = None
         try:
-            run = await self._runs.start(request)
+            async for progress in _told_until(starting, told):
+                yield control_pb2.RunReply(progress=progress)
+            run = starting.result()
         except ExoError as e:
             await abort(context, e)
+        finally:
+            if run is None:
+                _drop(starting)
         started = control_pb2.RunStarted(
             run_id=run.id, runner_id=run.runner_id, queue_position=run.queue_position
         )
@@ -498,3 +508,25 @@ def record_to_proto(record: Record) -> control_pb2.EventRecord:
         kind=record.kind,
         event=record.event,
     )
+
+
+async def _told_until(work: asyncio.Future[runs.Run], told: asyncio.Queue[T]) -> AsyncIterator[T]:
+    """What is put on `told` until `work` is done."""
+    while not work.done():
+        telling = asyncio.ensure_future(told.get())
+        try:
+            await asyncio.wait((work, telling), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            telling.cancel()
+        if telling.done() and not telling.cancelled():
+            yield telling.result()
+        while not told.empty():
+            yield told.get_nowait()
+
+
+def _drop(starting: asyncio.Future[runs.Run]) -> None:
+    """A run whose client left while it was started: cancelled, or closed once made."""
+    if not starting.done():
+        starting.cancel()
+    elif not starting.cancelled() and starting.exception() is None:
+        starting.result().close()

@@ -26,7 +26,7 @@ from exod.proto.exo.v1 import events_pb2
 
 # Bump whenever the meaning of the fold or the shape of `encode` changes: snapshots carry it,
 # and a snapshot of another version is ignored and rebuilt from the log.
-FOLD_VERSION: int = 5
+FOLD_VERSION: int = 6
 # Ended runners kept for `exoctl status` to show why they ended; older ones are forgotten so the
 # state, and so every snapshot, stays the same size however long the daemon runs.
 MAX_ENDED_RUNNERS = 32
@@ -146,6 +146,9 @@ class State:
     # with it before they are obeyed.
     ca_cert: str = ""
     removed: Mapping[str, RemovedView] = field(default_factory=lambda: MappingProxyType({}))
+    # The split models this node coordinates that its log says run (placed, not ended): model
+    # by instance id. Found at the next start after a crash, and closed as interrupted.
+    instances: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def _frozen(items: dict[K, V]) -> Mapping[K, V]:
@@ -256,6 +259,13 @@ def _apply(state: State, record: Record, own: str) -> State:  # noqa: PLR0911, P
             )
         case "MembersLearned":
             return _learned(state, e.members_learned, own)
+        case "InstancePlaced":
+            placed = e.instance_placed
+            return replace(
+                state, instances=_with(state.instances, placed.instance_id, placed.model)
+            )
+        case "InstanceEnded":
+            return replace(state, instances=_without(state.instances, e.instance_ended.instance_id))
         case _:
             # NodeStopped changes nothing; it is logged for people reading `exoctl events`.
             return state
@@ -391,6 +401,7 @@ def encode(state: State) -> bytes:
         "peers": [asdict(p) for p in state.peers.values()],
         "ca_cert": state.ca_cert,
         "removed": [asdict(r) for r in state.removed.values()],
+        "instances": dict(state.instances),
     }
     return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -411,6 +422,7 @@ def decode(data: bytes) -> State:
             peers=_frozen({p.id: p for p in map(_peer, _list(doc, "peers", []))}),
             ca_cert=_str({"ca_cert": doc.get("ca_cert", "")}, "ca_cert"),
             removed=_frozen({r.id: r for r in map(_removal, _list(doc, "removed", []))}),
+            instances=_frozen(_instances(doc.get("instances", {}))),
         )
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"not a state of fold version {FOLD_VERSION}: {e!r}") from None
@@ -488,6 +500,14 @@ def _removal(d: Any) -> RemovedView:
         ts=_float(d, "ts"),
         how=_str(d, "how"),
     )
+
+
+def _instances(d: Any) -> dict[str, str]:
+    if not isinstance(d, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in d.items()
+    ):
+        raise TypeError("instances is not a map of strings")
+    return dict(d)
 
 
 def _peer(d: Any) -> PeerView:

@@ -5,7 +5,8 @@ places the model unevenly (B's runner cap is smaller), sends B its layers, start
 and streams rank 0's text, which must equal, byte for byte, what A alone makes of the same
 model (through exoctl and through the HTTP API). Killing B's rank runner mid-generation, or B's
 exod, ends every rank on both nodes within EXOD_KILL_GRACE + 2 s; the client exits 75 and the
-next run works. The tests run in order.
+next run works. SIGKILL of A's exod ends B's rank when its lease lapses, and A's next start
+logs the instance's end. The tests run in order.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from exod.proto.exo.v1 import control_pb2, control_pb2_grpc
 from tests.daemon import Daemon, Result, pids_alive, wait_until
 from tests.httpapi import free_port, request
 from tests.models import copy_model, demo_model
@@ -126,6 +129,14 @@ def _kill_instance(p: Pair) -> None:
     assert wait_until(lambda: _all_gone(p), 10, poll=0.2)
 
 
+def _grpc_run(node: Node, *on: str) -> list[control_pb2.RunReply]:
+    """Every reply of a run of the split model, as exod sends it over the control socket."""
+    request = control_pb2.RunRequest(model="split", prompt=PROMPT, raw=True, max_tokens=30)
+    request.on.extend(on[1].split(",") if on else [])
+    with grpc.insecure_channel(f"unix:{node.daemon.socket}") as channel:
+        return list(control_pb2_grpc.ControlStub(channel).Run(request, timeout=120))
+
+
 def _whole_text(p: Pair) -> str:
     """What A alone makes of the same model (a copy, so that no split runner is reused)."""
     alone = copy_model(p.model)
@@ -147,6 +158,19 @@ def test_place_splits_unevenly(pair: Pair) -> None:
 def test_split_text_equals_the_single_node_text(pair: Pair) -> None:
     whole = _whole_text(pair)
     assert whole.strip()
+    # The first run starts the instance: B gets its layers, and the run is told how that goes
+    # (exoctl shows it on a terminal's status line) before it starts.
+    replies = _grpc_run(pair.a, "--on", _on(pair))
+    progress = [r.progress for r in replies if r.WhichOneof("msg") == "progress"]
+    phases = [p.phase for p in progress]
+    assert phases[0] == f"writing out the layers for {pair.b.id}", phases
+    sent = [p for p in progress if p.phase == f"sending weights to {pair.b.id}"]
+    assert sent and sent[-1].unit == "bytes"
+    assert 0 < sent[-1].current == sent[-1].total, sent[-1]
+    first = [i for i, r in enumerate(replies) if r.WhichOneof("msg") == "started"]
+    assert first and all(i < first[0] for i, r in enumerate(replies) if r.progress.unit)
+    text = "".join(r.tokens.text for r in replies if r.WhichOneof("msg") == "tokens")
+    assert text + "\n" == whole
     split = pair.a.daemon.ok(
         "run", "split", PROMPT, "--raw", "--max-tokens", "30", "--on", _on(pair)
     )
@@ -277,6 +301,33 @@ def test_sigkill_of_a_members_exod_ends_every_rank(pair: Pair) -> None:
     _ends_as_one(pair, run, started)
     assert wait_until(lambda: pids_alive(b_pids) == [], KILL_GRACE_S + 2, poll=0.1)
     pair.b.daemon.start()
+    b_id = pair.b.id
+    assert wait_until(lambda: _state(pair.a, b_id) == "alive", 15, poll=0.2)
+    assert pair.a.daemon.ok(
+        "run", "split", PROMPT, "--raw", "--max-tokens", "30", "--on", _on(pair)
+    ).text.strip()
+    _kill_instance(pair)
+
+
+def test_sigkill_of_the_coordinators_exod_ends_every_rank_and_its_restart_closes_the_instance(
+    pair: Pair,
+) -> None:
+    run = _long_split_run(pair)
+    (instance,) = pair.a.daemon.status()["instances"]
+    a_pids, b_pids = pair.a.daemon.runner_pids(), pair.b.daemon.runner_pids()
+    assert a_pids and b_pids
+    pids = a_pids + b_pids
+    started = time.monotonic()
+    pair.a.daemon.stop(signal.SIGKILL)
+    out, _ = run.communicate(timeout=30)
+    assert run.returncode != 0, out
+    # B's rank ends itself once its lease lapses; A's rank ends with A's exod.
+    assert wait_until(lambda: pids_alive(pids) == [], PEER_TIMEOUT_S + 2, poll=0.1)
+    assert time.monotonic() - started < PEER_TIMEOUT_S + 2 + 1
+    pair.a.daemon.start()
+    ended = [e for e in pair.a.daemon.events() if e["kind"] == "InstanceEnded"]
+    assert (ended[-1]["instance_id"], ended[-1]["reason"]) == (instance["id"], "interrupted")
+    assert pair.a.daemon.status()["instances"] == []
     b_id = pair.b.id
     assert wait_until(lambda: _state(pair.a, b_id) == "alive", 15, poll=0.2)
     assert pair.a.daemon.ok(

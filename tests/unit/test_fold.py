@@ -81,6 +81,14 @@ def model_removed(name: str) -> pb.Event:
     return pb.Event(model_removed=pb.ModelRemoved(name=name))
 
 
+def placed(instance_id: str, model: str = "big") -> pb.Event:
+    return pb.Event(instance_placed=pb.InstancePlaced(instance_id=instance_id, model=model))
+
+
+def instance_ended(instance_id: str) -> pb.Event:
+    return pb.Event(instance_ended=pb.InstanceEnded(instance_id=instance_id, reason="killed"))
+
+
 NODE_STARTED = pb.Event(node_started=pb.NodeStarted(version="0.1.0", pid=1, hostname="h"))
 NODE_STOPPED = pb.Event(node_stopped=pb.NodeStopped(reason="signal"))
 
@@ -231,6 +239,19 @@ def test_a_run_outlives_the_failure_of_its_runner_until_it_is_finished() -> None
 # ---- models and the node ----
 
 
+def test_an_instance_runs_from_placed_until_ended_and_an_end_of_another_changes_nothing() -> None:
+    state = fold(records(placed("i-1", "a"), placed("i-2", "b"), instance_ended("i-1")))
+    assert dict(state.instances) == {"i-2": "b"}
+    assert fold(records(instance_ended("i-9")), state).instances == state.instances
+
+
+def test_an_instance_another_member_placed_is_not_this_nodes_to_close() -> None:
+    record = Record(
+        seq=1, origin="n2", origin_seq=1, ts=1.0, kind="InstancePlaced", event=placed("i-1")
+    )
+    assert dict(apply(EMPTY, record, own="n1").instances) == {}
+
+
 def test_models_are_added_replaced_and_removed_by_name() -> None:
     log = records(
         model_added("a", "/m/a", "h1"),
@@ -331,6 +352,7 @@ def busy_state() -> State:
             stopped("stopped", "idle"),
             accepted("run1", "ready"),
             model_added("a", "/m/ä", "h"),
+            placed("i-1", "big"),
         )
     )
 

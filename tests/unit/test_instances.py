@@ -60,15 +60,25 @@ def test_versions_that_differ_are_named() -> None:
 def test_status_shows_each_rank_of_an_instance() -> None:
     info = control_pb2.InstanceInfo(id="i-1", model="big", state="running", coordinator=ME)
     info.ranks.add(rank=0, node=ME, runner="r-1", first_layer=4, last_layer=4, state="ready")
-    info.ranks.add(rank=1, node=OTHER, first_layer=0, last_layer=3, state="spawned")
+    info.ranks.add(
+        rank=1,
+        node=OTHER,
+        first_layer=0,
+        last_layer=3,
+        state="spawned",
+        weights_sent=48_500_000,
+        weights_total=48_500_000,
+    )
+    sent = {"weights_sent": 48_500_000, "weights_total": 48_500_000}
     assert render.instance_json(info) == {
         "id": "i-1",
         "model": "big",
         "state": "running",
         "coordinator": ME,
         "ranks": [
-            {"rank": 0, "node": ME, "runner": "r-1", "layers": [4, 4], "state": "ready"},
-            {"rank": 1, "node": OTHER, "runner": None, "layers": [0, 3], "state": "spawned"},
+            {"rank": 0, "node": ME, "runner": "r-1", "layers": [4, 4], "state": "ready"}
+            | {"weights_sent": 0, "weights_total": 0},
+            {"rank": 1, "node": OTHER, "runner": None, "layers": [0, 3], "state": "spawned"} | sent,
         ],
     }
     lines = render.instance_lines([info])
@@ -77,3 +87,11 @@ def test_status_shows_each_rank_of_an_instance() -> None:
     assert lines[2].split() == ["i-1", "big", "0", ME, "4-4", "r-1", "ready"]
     assert lines[3].split() == ["i-1", "big", "1", OTHER, "0-3", "-", "spawned"]
     assert render.instance_lines([]) == []
+
+
+def test_status_shows_how_far_a_ranks_weights_are_sent() -> None:
+    info = control_pb2.InstanceInfo(id="i-1", model="big", state="starting", coordinator=ME)
+    info.ranks.add(rank=1, node=OTHER, first_layer=0, last_layer=3, state="sending")
+    assert render.instance_lines([info])[2].split()[-1] == "sending"  # its size not known yet
+    info.ranks[0].weights_sent, info.ranks[0].weights_total = 12_000_000, 48_500_000
+    assert render.instance_lines([info])[2].split()[-4:] == ["sending", "12.0/48.5", "MB", "(24%)"]

@@ -486,6 +486,9 @@ def test_progress_and_started_text() -> None:
     )
     assert render.progress_text(progress(phase="tokenizing", current=2)) == "tokenizing 2"
     assert render.progress_text(progress(phase="warming up")) == "warming up"
+    sending = progress(phase="sending weights to n-2", current=12_000_000, total=48_500_000)
+    sending.unit = "bytes"
+    assert render.progress_text(sending) == "sending weights to n-2 12.0/48.5 MB (24%)"
     queued = control_pb2.RunStarted(run_id="u", runner_id="r-1", queue_position=2)
     assert render.started_text(queued) == "queued for runner r-1 (position 2)"
 

@@ -152,19 +152,23 @@ class Progress(_message.Message):
     PHASE_FIELD_NUMBER: _builtins.int
     CURRENT_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
     phase: _builtins.str
     current: _builtins.int
     total: _builtins.int
+    unit: _builtins.str
+    """"bytes" for weights sent to members; "" counts steps"""
     def __init__(
         self,
         *,
         phase: _builtins.str = ...,
         current: _builtins.int = ...,
         total: _builtins.int = ...,
+        unit: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current", b"current", "phase", b"phase", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current", b"current", "phase", b"phase", "total", b"total", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -360,6 +364,8 @@ class InstanceRank(_message.Message):
     FIRST_LAYER_FIELD_NUMBER: _builtins.int
     LAST_LAYER_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
+    WEIGHTS_SENT_FIELD_NUMBER: _builtins.int
+    WEIGHTS_TOTAL_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     node: _builtins.str
     runner: _builtins.str
@@ -368,6 +374,10 @@ class InstanceRank(_message.Message):
     last_layer: _builtins.int
     state: _builtins.str
     """rank 0: its runner's state; others: starting, spawned, ready, ended"""
+    weights_sent: _builtins.int
+    """bytes of its part sent to its node so far (0 for rank 0)"""
+    weights_total: _builtins.int
+    """bytes of its part (0 until known, and for rank 0)"""
     def __init__(
         self,
         *,
@@ -377,10 +387,12 @@ class InstanceRank(_message.Message):
         first_layer: _builtins.int = ...,
         last_layer: _builtins.int = ...,
         state: _builtins.str = ...,
+        weights_sent: _builtins.int = ...,
+        weights_total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_layer", b"first_layer", "last_layer", b"last_layer", "node", b"node", "rank", b"rank", "runner", b"runner", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_layer", b"first_layer", "last_layer", b"last_layer", "node", b"node", "rank", b"rank", "runner", b"runner", "state", b"state", "weights_sent", b"weights_sent", "weights_total", b"weights_total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
