@@ -23,7 +23,9 @@ from typing import Any
 import grpc
 import pytest
 
+from exod.models.shape import read_shape
 from exod.proto.exo.v1 import control_pb2, control_pb2_grpc
+from exod.runners.admission import estimate
 from tests.daemon import Daemon, Result, pids_alive, wait_until
 from tests.httpapi import free_port, request
 from tests.models import copy_model, demo_model
@@ -338,3 +340,31 @@ def test_sigkill_of_the_coordinators_exod_ends_every_rank_and_its_restart_closes
 
 def _ring_port(p: Pair) -> str:
     return p.a.daemon.env["EXOD_RING_PORT"]
+
+
+def test_a_model_no_node_holds_whole_is_split_without_being_asked(pair: Pair) -> None:
+    """Each node's runner cap holds the runtime and three or four of a model's five layers
+    (with the tensors every rank keeps), never all five: a run without --on splits it over A
+    and B. (Layers of some MiB each, so that a run's KV cache fits beside three of them.) The
+    last test: both exods are restarted with that cap."""
+    model = demo_model("qwen2", num_layers=LAYERS, hidden_size=256, intermediate_size=1024)
+    whole = pair.a.daemon.ok("run", str(model), PROMPT, "--raw", "--max-tokens", "30").text
+    for r in _alive_runners(pair.a):
+        pair.a.daemon.ok("kill", r["id"])
+    shape = read_shape(model)
+    cap = (estimate(shape.shared_bytes + shape.bytes_of(0, 2)) + estimate(shape.total_bytes)) // 2
+    assert estimate(shape.total_bytes) > cap  # the premise: it fits on neither node whole
+    for node in (pair.b, pair.a):
+        node.daemon.stop()
+        node.daemon.env["EXOD_MAX_RUNNER_MEMORY"] = str(cap)
+        node.daemon.start()
+    a_id, b_id = pair.a.id, pair.b.id
+    assert wait_until(lambda: _state(pair.a, b_id) == "alive", 15, poll=0.2)
+    plan = json.loads(pair.a.daemon.ok("place", str(model), "--json").stdout)
+    assert plan["whole_on"] is None and plan["refused"] is None, plan
+    assert [(r["rank"], r["node"]) for r in plan["ranks"]] == [(0, a_id), (1, b_id)]
+    split = pair.a.daemon.ok("run", str(model), PROMPT, "--raw", "--max-tokens", "30")
+    assert split.text == whole
+    (instance,) = pair.a.daemon.status()["instances"]
+    assert [r["layers"] for r in instance["ranks"]] == [r["layers"] for r in plan["ranks"]]
+    _kill_instance(pair)
