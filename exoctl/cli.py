@@ -109,8 +109,9 @@ def _read_prompt(argument: str | None) -> str:
     "--on",
     "on",
     metavar="ID,ID",
-    help="Run it on these nodes: several split it, rank 0 (the last layers) on the first, "
-    "which must be this node (see `exoctl place`).",
+    help="Run it on these nodes: one runs it whole there; several split it, rank 0 (the last "
+    "layers) on the first. This node may be left out (its text comes from the first), else it "
+    "must be first (see `exoctl place`).",
 )
 @json_option
 @socket_option

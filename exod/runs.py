@@ -117,6 +117,8 @@ class Run:
     runs: Runs
     finished: bool = False
     instance: str = ""  # the split model's instance whose rank 0 runs it (empty: whole)
+    # What relays the replies of rank 0 on a member (None: the runner is this node's).
+    relay: asyncio.Task[None] | None = None
 
     def close(self) -> None:
         """Cancel the run unless it has ended; safe to call any number of times.
@@ -127,7 +129,10 @@ class Run:
         if not self.finished:
             # The consumer left (Ctrl-C, a dropped stream): stop the work it asked for.
             self.finished = True
-            self.runs.supervisor.cancel(self.job)
+            if self.relay is not None:
+                self.relay.cancel()  # the member ends the run
+            else:
+                self.runs.supervisor.cancel(self.job)
             self.runs.finish_cancelled(self.id, self.job)
 
     async def items(self) -> AsyncGenerator[RunItem, None]:
@@ -239,6 +244,19 @@ class Runs:
             self.awake.run_started(run_id)
             placed.append((runner_id, position))
 
+        lead = None if self.instances is None else self.instances.lead_elsewhere(str(files.path))
+        if self.instances is not None and lead is not None:
+            # Its rank 0 (or whole model) runs on a member: the run is queued there.
+            split, link = lead
+            started, job, relay = await self.instances.generate(split, link, generate)
+            try:
+                accept(started.runner_id, started.queue_position)
+            except BaseException:
+                relay.cancel()
+                raise
+            run = Run(run_id, started.runner_id, started.queue_position, job, self)
+            run.instance, run.relay = split.id, relay
+            return run
         try:
             job = await self.supervisor.submit(
                 request.model, str(files.path), run_id, generate, accept, need=need

@@ -40,6 +40,7 @@ from exod.eventlog.fold import MemberView
 from exod.journal import Journal
 from exod.models.inspect import ModelFiles
 from exod.proto.exo.v1 import control_pb2, events_pb2, peer_pb2, peer_pb2_grpc, runner_pb2
+from exod.runners.handle import Job
 from exod.runners.supervisor import Runner, Supervisor
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class Instance:
     runner: Runner | None = None  # rank 0, here
     state: str = "starting"  # starting, running, ended
     reason: str = ""
+    message: str = ""  # why it ended
     ending: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -122,14 +124,16 @@ class Instances:
         async with self._lock:
             if self._supervisor.live_for(str(files.path)) is not None:
                 return  # loaded here already (whole, or as rank 0 of an instance)
+            if self.lead_elsewhere(str(files.path)) is not None:
+                return  # an instance runs it already, its rank 0 on a member
             try:
                 plan = await self.planner.plan(files, forced)
             except ExoError:
                 if forced:
                     raise
                 return  # a model placement cannot read runs, or fails, here as ever
-            if not forced and (plan.whole_on is not None or plan.refused is not None):
-                # Not split: the run goes on here, and admission says what it says of it.
+            if not forced and (plan.whole_on == self._id or plan.refused is not None):
+                # It runs here whole, or nowhere: admission says what it says of it.
                 return
             ranks = _ranks_here(plan, self._id)
             if not ranks:
@@ -145,7 +149,7 @@ class Instances:
                 "invalid_argument", "this node is in no cluster: it cannot split a model"
             )
         self._one_ring_at_a_time()
-        links = [Link(r, self._member(r.node)) for r in ranks[1:]]
+        links = [Link(r, self._member(r.node)) for r in ranks if r.node != self._id]
         instance = Instance("i-" + secrets.token_hex(4), model, str(files.path), ranks, links)
         self._log_placed(instance)
         self.instances[instance.id] = instance
@@ -153,11 +157,12 @@ class Instances:
             await self._push(instance, material, files, progress)
             hosts = self._hosts(instance)
             await asyncio.gather(*(self._open(instance, link, material, hosts) for link in links))
-            rank = _rank_message(ranks[0], ranks, hosts, self._ring_timeout())
-            instance.runner = await self._supervisor.start_rank(
-                model, str(files.path), rank, ranks[0].bytes
-            )
-            instance.runner.instance = instance.id
+            if ranks[0].node == self._id:
+                rank = _rank_message(ranks[0], ranks, hosts, self._ring_timeout())
+                instance.runner = await self._supervisor.start_rank(
+                    model, str(files.path), rank, ranks[0].bytes
+                )
+                instance.runner.instance = instance.id
         except ExoError as e:
             await self._end(instance, e.reason, e.message)
             raise
@@ -165,7 +170,8 @@ class Instances:
             await self._end(instance, "internal", "the instance could not start")
             raise
         instance.state = "running"
-        instance.tasks.append(asyncio.create_task(self._watch_rank0(instance)))
+        if instance.runner is not None:
+            instance.tasks.append(asyncio.create_task(self._watch_rank0(instance)))
         for link in links:
             instance.tasks.append(asyncio.create_task(self._watch_link(instance, link)))
 
@@ -196,25 +202,30 @@ class Instances:
         return self._settings.load_stall_timeout
 
     def _hosts(self, instance: Instance) -> list[str]:
-        """Each rank's ring socket: this node's peer address for rank 0, each member's first
-        address for its rank; the port is EXOD_RING_PORT, the same on every member."""
+        """Each rank's ring socket, by rank: this node's peer address for its rank, each
+        member's first address for its; the port is EXOD_RING_PORT, the same on every member."""
         port = self._settings.ring_port
         mine = self._cluster.addresses()
-        if not mine:
-            raise ExoError(
-                "peer_unreachable",
-                "this node has no address members can reach (EXOD_PEER_BIND): set it to this "
-                "machine's address on the cluster's network",
-            )
-        hosts = [endpoint(mine[0], port)]
-        for link in instance.links:
-            if not link.member.addresses:
+        by_rank = {link.rank.rank: link.member for link in instance.links}
+        hosts = []
+        for r in instance.ranks:
+            member = by_rank.get(r.rank)
+            if member is None:
+                if not mine:
+                    raise ExoError(
+                        "peer_unreachable",
+                        "this node has no address members can reach (EXOD_PEER_BIND): set it "
+                        "to this machine's address on the cluster's network",
+                    )
+                hosts.append(endpoint(mine[0], port))
+            elif not member.addresses:
                 raise ExoError(
                     "peer_unreachable",
-                    f"this node knows no address of node {link.member.id}: start exod there "
+                    f"this node knows no address of node {member.id}: start exod there "
                     "and let it reach this node, then retry",
                 )
-            hosts.append(endpoint(link.member.addresses[0], port))
+            else:
+                hosts.append(endpoint(member.addresses[0], port))
         return hosts
 
     async def _push(
@@ -387,7 +398,7 @@ class Instances:
             return
         instance.ending.set()
         instance.state = "ended"
-        instance.reason = reason
+        instance.reason, instance.message = reason, message
         log.warning("instance %s ends: %s", instance.id, message)
         runner = instance.runner
         if runner is not None and not runner.ended.is_set():
@@ -445,14 +456,15 @@ class Instances:
                 coordinator=self._id,
             )
             runner = instance.runner
-            info.ranks.add(
-                rank=0,
-                node=self._id,
-                runner=runner.id if runner else "",
-                first_layer=instance.ranks[0].first_layer,
-                last_layer=instance.ranks[0].last_layer,
-                state=runner.state if runner else "starting",
-            )
+            if runner is not None:
+                info.ranks.add(
+                    rank=0,
+                    node=self._id,
+                    runner=runner.id,
+                    first_layer=instance.ranks[0].first_layer,
+                    last_layer=instance.ranks[0].last_layer,
+                    state=runner.state,
+                )
             for link in instance.links:
                 info.ranks.add(
                     rank=link.rank.rank,
@@ -466,6 +478,91 @@ class Instances:
                 )
             out.append(info)
         return out
+
+    # --- runs on a rank 0 elsewhere ---------------------------------------------------------------
+
+    def lead_elsewhere(self, model_path: str) -> tuple[Instance, Link] | None:
+        """The instance that runs `model_path` with its rank 0 (or whole model) on a member,
+        with that rank's link; None when there is none."""
+        for instance in self.instances.values():
+            if instance.model_path == model_path and instance.runner is None:
+                lead = next((k for k in instance.links if k.rank.rank == 0), None)
+                if lead is not None and not instance.ending.is_set():
+                    return instance, lead
+        return None
+
+    async def generate(
+        self, instance: Instance, lead: Link, generate: runner_pb2.Generate
+    ) -> tuple[peer_pb2.GenerateStarted, Job, asyncio.Task[None]]:
+        """Queue a run on rank 0's runner on its member: how it started there, the job its
+        replies arrive on (as a local runner's would), and the task that relays them (cancel it
+        to end the run)."""
+        member = lead.member.id
+        if lead.channel is None:
+            raise ExoError("rank_failed", f"instance {instance.id} has no link to node {member}")
+        request = peer_pb2.GenerateRequest(
+            protocol_version=PROTOCOL_VERSION, instance_id=instance.id, generate=generate
+        )
+        call = peer_pb2_grpc.PeerStub(lead.channel).Generate(request)
+        replies = aiter(call)
+        try:
+            first = await anext(replies)
+        except grpc.aio.AioRpcError as e:
+            raise self._run_failure(instance, e, member) from None
+        except StopAsyncIteration:
+            raise ExoError("rank_failed", f"node {member} ended the run at once") from None
+        job = Job(run_id=generate.request_id, request=generate)
+        relay = asyncio.create_task(self._relay(instance, member, call, replies, job))
+        return first.started, job, relay
+
+    async def _relay(
+        self,
+        instance: Instance,
+        member: str,
+        call: grpc.aio.UnaryStreamCall[peer_pb2.GenerateRequest, peer_pb2.GenerateReply],
+        replies: AsyncIterator[peer_pb2.GenerateReply],
+        job: Job,
+    ) -> None:
+        try:
+            async for reply in replies:
+                which = reply.WhichOneof("msg")
+                if which == "progress":
+                    job.out.put_nowait(reply.progress)
+                elif which == "tokens":
+                    job.out.put_nowait(reply.tokens)
+                elif which == "done":
+                    job.finish(reply.done)
+                    return
+            job.finish(ExoError("rank_failed", f"node {member} ended the run before its end"))
+        except grpc.aio.AioRpcError as e:
+            job.finish(self._run_failure(instance, e, member))
+        except asyncio.CancelledError:
+            call.cancel()  # the member ends the run
+            job.finish(ExoError("cancelled", "cancelled"))
+            raise
+
+    @staticmethod
+    def _run_failure(instance: Instance, e: grpc.aio.AioRpcError, member: str) -> ExoError:
+        """Why a run on rank 0 elsewhere ended: the instance's end when it has ended (that
+        closes the call), else the member's reason as it gave it."""
+        if instance.ending.is_set():
+            return ExoError(instance.reason or "rank_failed", instance.message)
+        reason = peer_reason(e)
+        if reason is not None:
+            return ExoError(reason, e.details() or "")
+        if e.code() in _GONE:
+            return ExoError(
+                "peer_unreachable",
+                f"node {member}, which runs rank 0 of instance {instance.id}, went away "
+                "mid-run: retry once it is back",
+            )
+        if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return ExoError(
+                "protocol_mismatch",
+                f"node {member} runs an earlier exod that cannot take runs of a split model: "
+                "upgrade exod there",
+            )
+        return ExoError("internal", f"node {member} failed the run: {e.details()}")
 
 
 _GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
@@ -490,24 +587,19 @@ _STOP_REASONS = frozenset({"rank_failed", "peer_unreachable", "killed", "daemon_
 
 
 def _ranks_here(plan: Plan, node_id: str) -> tuple[Rank, ...]:
-    """The ranks of a split plan coordinated here; () when the model runs whole here. ExoError
-    for a refused plan, and for what is not built: a whole model on another node, or a split
-    whose rank 0 is elsewhere."""
+    """The ranks of an instance coordinated here: every rank of a split, or the one rank of a
+    model whole on another member; () when the model runs whole here. ExoError for a refused
+    plan, and for a split where this node takes part other than as rank 0 (its runs start on
+    rank 0, which this node coordinates from here or from outside the ring)."""
     if plan.refused is not None:
         raise ExoError(plan.refused.reason, plan.refused.message)
-    if plan.whole_on is not None:
-        if plan.whole_on == node_id:
-            return ()
+    if plan.whole_on == node_id:
+        return ()
+    if any(r.node == node_id for r in plan.ranks[1:]):
         raise ExoError(
             "invalid_argument",
-            f"the plan runs the model whole on node {plan.whole_on}: run it there (exod does not "
-            "yet run a model on another member for this node)",
-        )
-    if plan.ranks[0].node != node_id:
-        raise ExoError(
-            "invalid_argument",
-            f"rank 0 of a split model runs on the node that got the request: put {node_id} "
-            "first in --on",
+            f"this node ({node_id}) takes part in a split only as rank 0: put it first in "
+            "--on, or leave it out",
         )
     return plan.ranks
 

@@ -238,6 +238,20 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         except ExoError as e:
             await abort(context, e)
 
+    async def Generate(  # gRPC method names are CamelCase
+        self,
+        request: peer_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext[peer_pb2.GenerateRequest, peer_pb2.GenerateReply],
+    ) -> AsyncIterator[peer_pb2.GenerateReply]:
+        try:
+            caller = caller_id(cast("Ctx", context), self._ca_cert, time.time())
+            if self._ranks is None:
+                raise ExoError("internal", f"{self._id} cannot run a rank of a split model")
+            async for reply in self._ranks.generate(request, caller):
+                yield reply
+        except ExoError as e:
+            await abort(context, e)
+
     def _not_ca(self, doing: str) -> ExoError:
         return ExoError(
             "peer_unreachable",

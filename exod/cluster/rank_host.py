@@ -59,6 +59,9 @@ class RankHost:
         self._supervisor = supervisor
         self._cache = cache
         self._running: str | None = None  # the instance whose rank runs here
+        # Its runner, when it is rank 0 or the whole model (it takes the coordinator's runs),
+        # with the coordinator's node id.
+        self._lead: tuple[Runner, str] | None = None
         # The instance this node coordinates, if any (its rank 0 holds the ring port too).
         self.coordinating: Callable[[], str | None] = lambda: None
         self._versions = versions.ours()
@@ -110,7 +113,7 @@ class RankHost:
     def _check_ring(self, start: peer_pb2.RankStart) -> ExoError | None:
         """The ring socket the coordinator gave this rank must be this node's ring port: the
         coordinator uses its own EXOD_RING_PORT for every rank."""
-        if not 0 < start.rank < len(start.hosts) or len(start.hosts) != start.size:
+        if not 0 <= start.rank < len(start.hosts) or len(start.hosts) != start.size:
             return ExoError("invalid_argument", "a Rank start whose rank has no ring address")
         port = start.hosts[start.rank].rpartition(":")[2]
         if port != str(self._settings.ring_port):
@@ -137,16 +140,23 @@ class RankHost:
         try:
             with self._cache.use(start.key) as path:
                 files = await asyncio.to_thread(inspect_model, path)
-                rank = runner_pb2.Rank(
-                    rank=start.rank,
-                    size=start.size,
-                    split=start.split,
-                    hosts=start.hosts,
-                    ring_timeout_s=start.ring_timeout_s,
+                # A rank of one is the whole model, in a runner as any other (no ring).
+                rank = (
+                    runner_pb2.Rank(
+                        rank=start.rank,
+                        size=start.size,
+                        split=start.split,
+                        hosts=start.hosts,
+                        ring_timeout_s=start.ring_timeout_s,
+                    )
+                    if start.size > 1
+                    else None
                 )
                 runner = await self._supervisor.start_rank(
                     start.model, str(path), rank, estimate(files.weight_bytes)
                 )
+                if start.rank == 0:
+                    self._lead = (runner, caller)
                 log.info(
                     "rank %d of %s (%s) for %s: runner %s",
                     start.rank,
@@ -159,6 +169,7 @@ class RankHost:
                     async for down in self._lease(runner, requests):
                         yield down
                 finally:
+                    self._lead = None
                     await self._end(runner, start.instance_id)
         except ExoError as e:
             yield state("ended", error=e)
@@ -219,3 +230,47 @@ class RankHost:
             log.info("ending rank runner %s of %s", runner.id, instance_id)
             self._supervisor.stop_soon(runner, "rank_failed", "its instance ended")
             await asyncio.shield(runner.ended.wait())
+
+    async def generate(
+        self, request: peer_pb2.GenerateRequest, caller: str
+    ) -> AsyncIterator[peer_pb2.GenerateReply]:
+        """One run of the instance whose rank 0 (or whole model) runs here, for its coordinator:
+        queued on that runner as this node's own runs are, until it ends or the call does."""
+        check_version(request.protocol_version, f"coordinator {caller}")
+        lead = self._lead
+        if lead is None or self._running != request.instance_id or lead[1] != caller:
+            raise ExoError(
+                "runner_not_found",
+                f"node {self._id} runs no rank 0 of instance {request.instance_id} for node "
+                f"{caller}: it has ended",
+            )
+        runner = lead[0]
+        started: list[peer_pb2.GenerateStarted] = []
+
+        def accept(runner_id: str, position: int) -> None:
+            started.append(peer_pb2.GenerateStarted(runner_id=runner_id, queue_position=position))
+
+        # Admission as for this node's own runs: the estimate of its part (the cap holds).
+        job = await self._supervisor.submit(
+            runner.model,
+            runner.model_path,
+            request.generate.request_id,
+            request.generate,
+            accept,
+            need=runner.estimate,
+        )
+        try:
+            yield peer_pb2.GenerateReply(started=started[0])
+            while True:
+                item = await job.out.get()
+                if isinstance(item, ExoError):
+                    raise item
+                if isinstance(item, runner_pb2.LoadProgress):
+                    yield peer_pb2.GenerateReply(progress=item)
+                elif isinstance(item, runner_pb2.Tokens):
+                    yield peer_pb2.GenerateReply(tokens=item)
+                else:
+                    yield peer_pb2.GenerateReply(done=item)
+                    return
+        finally:
+            self._supervisor.cancel(job)  # nothing once it has ended

@@ -251,14 +251,15 @@ class Supervisor:
         return self._live_for(model_path)
 
     async def start_rank(
-        self, model: str, model_path: str, rank: runner_pb2.Rank, need: int
+        self, model: str, model_path: str, rank: runner_pb2.Rank | None, need: int
     ) -> Runner:
         """Spawn one rank of a split model: a runner loaded with `rank` (rank 0 then takes runs
-        for `model_path` like any runner; another rank takes none). Its memory is admitted as a
-        runner's is: `need` is admission's estimate of what its part of the weights takes."""
+        for `model_path` like any runner; another rank takes none), or with None the whole
+        model for a coordinator elsewhere. Its memory is admitted as a runner's is: `need` is
+        admission's estimate of what its part of the weights takes."""
         async with self._spawning:
             live = self._live_for(model_path)
-            if live is not None and rank.rank == 0:
+            if live is not None and (rank is None or rank.rank == 0):
                 raise ExoError(
                     "invalid_argument",
                     f"runner {live.id} runs {model} already: `exoctl kill {live.id}` first",

@@ -153,6 +153,20 @@ def test_three_nodes_text_equals_the_single_node_text(split: Split) -> None:
     _kill_instances(split)
 
 
+def test_a_split_over_b_and_c_runs_for_a_with_rank_0_on_b(split: Split) -> None:
+    """A coordinates without a rank of its own: B is rank 0 (its ring socket on B's address),
+    C rank 1; A sends both their parts and streams B's text, through exoctl and HTTP alike."""
+    whole = _whole_text(split)
+    on = f"{split.b.id},{split.c.id}"
+    text = split.a.daemon.ok("run", "split", PROMPT, "--raw", "--max-tokens", "30", "--on", on)
+    assert text.text == whole
+    (instance,) = split.a.daemon.status()["instances"]
+    assert [(r["rank"], r["node"]) for r in instance["ranks"]] == [(0, split.b.id), (1, split.c.id)]
+    assert _live(split.a) == [] and len(_live(split.b)) == len(_live(split.c)) == 1
+    assert _http_text(split) + "\n" == whole
+    _kill_instances(split)
+
+
 def test_a_cut_link_ends_every_rank_on_both_sides_within_the_peer_timeout(split: Split) -> None:
     on = f"{split.a.id},{split.b.id}"
     run = split.a.daemon.exoctl_bg(

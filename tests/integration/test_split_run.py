@@ -342,11 +342,45 @@ def _ring_port(p: Pair) -> str:
     return p.a.daemon.env["EXOD_RING_PORT"]
 
 
+def test_a_model_whole_on_the_member_runs_there_for_this_node(pair: Pair) -> None:
+    whole = _whole_text(pair)
+    b_id = pair.b.id
+    # --on B: B gets the whole model in its cache, and runs it for A; A streams its text.
+    there = pair.a.daemon.ok("run", "split", PROMPT, "--raw", "--max-tokens", "30", "--on", b_id)
+    assert there.text == whole
+    (instance,) = pair.a.daemon.status()["instances"]
+    assert [(r["rank"], r["node"]) for r in instance["ranks"]] == [(0, b_id)]
+    assert instance["ranks"][0]["layers"] == [0, LAYERS - 1]
+    assert _alive_runners(pair.a) == []
+    (b_runner,) = _alive_runners(pair.b)
+    assert "/cache/models/" in b_runner["model_path"]
+    # A later run without --on finds the instance; --json's done line names it.
+    lines = pair.a.daemon.ok(
+        "run", "split", PROMPT, "--raw", "--max-tokens", "30", "--json"
+    ).json_lines()
+    assert "".join(x["text"] for x in lines if x["type"] == "token") + "\n" == whole
+    assert lines[-1]["instance"] == instance["id"]
+    # B's runner killed mid-run: the client exits 75 and the instance ends as one.
+    run = pair.a.daemon.exoctl_bg(
+        "run", "split", "Tell me a story", "--raw", "--max-tokens", LONG_RUN_TOKENS
+    )
+    assert run.stdout is not None
+    run.stdout.read(1)  # a token has come
+    started = time.monotonic()
+    os.kill(b_runner["pid"], signal.SIGKILL)
+    result = _ends_as_one(pair, run, started)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert pair.a.daemon.status()["instances"] == []
+    ended = [e for e in pair.a.daemon.events() if e["kind"] == "InstanceEnded"]
+    assert ended[-1]["instance_id"] == instance["id"], ended[-1]
+
+
 def test_a_model_no_node_holds_whole_is_split_without_being_asked(pair: Pair) -> None:
     """Each node's runner cap holds the runtime and three or four of a model's five layers
     (with the tensors every rank keeps), never all five: a run without --on splits it over A
-    and B. (Layers of some MiB each, so that a run's KV cache fits beside three of them.) The
-    last test: both exods are restarted with that cap."""
+    and B. (Layers of some MiB each, so that a run's KV cache fits beside three of them.) Then
+    B alone gets room for it whole, and the run goes there. The last test: both exods are
+    restarted with those caps."""
     model = demo_model("qwen2", num_layers=LAYERS, hidden_size=256, intermediate_size=1024)
     whole = pair.a.daemon.ok("run", str(model), PROMPT, "--raw", "--max-tokens", "30").text
     for r in _alive_runners(pair.a):
@@ -367,4 +401,16 @@ def test_a_model_no_node_holds_whole_is_split_without_being_asked(pair: Pair) ->
     assert split.text == whole
     (instance,) = pair.a.daemon.status()["instances"]
     assert [r["layers"] for r in instance["ranks"]] == [r["layers"] for r in plan["ranks"]]
+    _kill_instance(pair)
+    # B with room for it whole: a run on A (which has none) runs it whole on B, unasked.
+    pair.b.daemon.stop()
+    pair.b.daemon.env["EXOD_MAX_RUNNER_MEMORY"] = "8G"
+    pair.b.daemon.start()
+    assert wait_until(lambda: _state(pair.a, b_id) == "alive", 15, poll=0.2)
+    plan = json.loads(pair.a.daemon.ok("place", str(model), "--json").stdout)
+    assert plan["whole_on"] == b_id, plan
+    there = pair.a.daemon.ok("run", str(model), PROMPT, "--raw", "--max-tokens", "30")
+    assert there.text == whole
+    (instance,) = pair.a.daemon.status()["instances"]
+    assert [r["node"] for r in instance["ranks"]] == [b_id]
     _kill_instance(pair)

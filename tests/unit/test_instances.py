@@ -1,5 +1,6 @@
 """The pure parts of running a model split over members: which ranks a plan asks this node to
-coordinate, the split the ranks are told, the version check, and how status shows instances."""
+coordinate (rank 0 here or on a member, a model whole on a member), the split the ranks are
+told, the version check, and how status shows instances."""
 
 from __future__ import annotations
 
@@ -24,22 +25,29 @@ def test_a_model_whole_here_needs_no_instance() -> None:
     assert instances._ranks_here(Plan(whole_on=ME, ranks=(Rank(0, ME, 0, 4, 700),)), ME) == ()
 
 
+def test_a_model_whole_on_another_member_is_one_rank_coordinated_here() -> None:
+    whole = (Rank(0, OTHER, 0, 4, 700),)
+    assert instances._ranks_here(Plan(whole_on=OTHER, ranks=whole), ME) == whole
+    assert instances._split(whole) == [5]
+
+
+def test_a_split_without_this_node_is_coordinated_here_rank_0_on_a_member() -> None:
+    third = "n-cccccccccccc"
+    ranks = (Rank(0, OTHER, 3, 4, 300), Rank(1, third, 0, 2, 400))
+    assert instances._ranks_here(Plan(ranks=ranks), ME) == ranks
+
+
 @pytest.mark.parametrize(
     ("plan", "reason", "words"),
     [
         (Plan(refused=Refused("model_too_large", "too big")), "model_too_large", "too big"),
         (
-            Plan(whole_on=OTHER, ranks=(Rank(0, OTHER, 0, 4, 1),)),
-            "invalid_argument",
-            "run it there",
-        ),
-        (
             Plan(ranks=(Rank(0, OTHER, 4, 4, 1), Rank(1, ME, 0, 3, 1))),
             "invalid_argument",
-            f"put {ME} first in --on",
+            f"this node ({ME}) takes part in a split only as rank 0: put it first in --on",
         ),
     ],
-    ids=["refused", "whole elsewhere", "rank 0 elsewhere"],
+    ids=["refused", "this node a rank other than 0"],
 )
 def test_what_is_not_coordinated_here_is_refused(plan: Plan, reason: str, words: str) -> None:
     with pytest.raises(ExoError) as refused:

@@ -13,6 +13,7 @@ handled where the field is read).
 """
 
 from collections import abc as _abc
+from exod.proto.exo.v1 import runner_pb2 as _runner_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -932,3 +933,92 @@ class RankDown(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 
 Global___RankDown: _TypeAlias = RankDown  # noqa: Y015
+
+@_typing.final
+class GenerateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    GENERATE_FIELD_NUMBER: _builtins.int
+    protocol_version: _builtins.str
+    instance_id: _builtins.str
+    @_builtins.property
+    def generate(self) -> _runner_pb2.Generate:
+        """as the coordinator's runs queue it on a runner of their own"""
+
+    def __init__(
+        self,
+        *,
+        protocol_version: _builtins.str = ...,
+        instance_id: _builtins.str = ...,
+        generate: _runner_pb2.Generate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["generate", b"generate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generate", b"generate", "instance_id", b"instance_id", "protocol_version", b"protocol_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class GenerateReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STARTED_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def started(self) -> Global___GenerateStarted:
+        """the first reply: the run is queued or running"""
+
+    @_builtins.property
+    def progress(self) -> _runner_pb2.LoadProgress: ...
+    @_builtins.property
+    def tokens(self) -> _runner_pb2.Tokens: ...
+    @_builtins.property
+    def done(self) -> _runner_pb2.Done:
+        """the last reply"""
+
+    def __init__(
+        self,
+        *,
+        started: Global___GenerateStarted | None = ...,
+        progress: _runner_pb2.LoadProgress | None = ...,
+        tokens: _runner_pb2.Tokens | None = ...,
+        done: _runner_pb2.Done | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "msg", b"msg", "progress", b"progress", "started", b"started", "tokens", b"tokens"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "msg", b"msg", "progress", b"progress", "started", b"started", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["started", "progress", "tokens", "done"]  # noqa: Y015
+    _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
+
+Global___GenerateReply: _TypeAlias = GenerateReply  # noqa: Y015
+
+@_typing.final
+class GenerateStarted(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNNER_ID_FIELD_NUMBER: _builtins.int
+    QUEUE_POSITION_FIELD_NUMBER: _builtins.int
+    runner_id: _builtins.str
+    queue_position: _builtins.int
+    """0: generating now"""
+    def __init__(
+        self,
+        *,
+        runner_id: _builtins.str = ...,
+        queue_position: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue_position", b"queue_position", "runner_id", b"runner_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateStarted: _TypeAlias = GenerateStarted  # noqa: Y015

@@ -89,6 +89,11 @@ class PeerStub:
                 request_serializer=exo_dot_v1_dot_peer__pb2.RankUp.SerializeToString,
                 response_deserializer=exo_dot_v1_dot_peer__pb2.RankDown.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/exo.v1.Peer/Generate',
+                request_serializer=exo_dot_v1_dot_peer__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=exo_dot_v1_dot_peer__pb2.GenerateReply.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -186,6 +191,16 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """One run of an instance whose rank 0 (or whole model: a Rank of size 1) runs on this member,
+        asked by that instance's coordinator: queued on that rank's runner like a run of this
+        node's own, its replies streamed back as the runner makes them. Ends the run when the call
+        ends; a refusal or failure is the call's status, with its reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -243,6 +258,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Rank,
                     request_deserializer=exo_dot_v1_dot_peer__pb2.RankUp.FromString,
                     response_serializer=exo_dot_v1_dot_peer__pb2.RankDown.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=exo_dot_v1_dot_peer__pb2.GenerateRequest.FromString,
+                    response_serializer=exo_dot_v1_dot_peer__pb2.GenerateReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -542,6 +562,33 @@ class Peer:
             '/exo.v1.Peer/Rank',
             exo_dot_v1_dot_peer__pb2.RankUp.SerializeToString,
             exo_dot_v1_dot_peer__pb2.RankDown.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/exo.v1.Peer/Generate',
+            exo_dot_v1_dot_peer__pb2.GenerateRequest.SerializeToString,
+            exo_dot_v1_dot_peer__pb2.GenerateReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -86,6 +86,12 @@ class PeerStub:
     third of EXOD_PEER_TIMEOUT; when nothing arrives for EXOD_PEER_TIMEOUT, or the stream ends
     for any reason, the member ends its rank's runner.
     """
+    Generate: _grpc.UnaryStreamMultiCallable[_peer_pb2.GenerateRequest, _peer_pb2.GenerateReply]
+    """One run of an instance whose rank 0 (or whole model: a Rank of size 1) runs on this member,
+    asked by that instance's coordinator: queued on that rank's runner like a run of this
+    node's own, its replies streamed back as the runner makes them. Ends the run when the call
+    ends; a refusal or failure is the call's status, with its reason.
+    """
 
 @_typing.type_check_only
 class PeerAsyncStub(PeerStub):
@@ -135,6 +141,12 @@ class PeerAsyncStub(PeerStub):
     rank's runner and says how it goes (RankDown states). Both sides send a heartbeat every
     third of EXOD_PEER_TIMEOUT; when nothing arrives for EXOD_PEER_TIMEOUT, or the stream ends
     for any reason, the member ends its rank's runner.
+    """
+    Generate: _aio.UnaryStreamMultiCallable[_peer_pb2.GenerateRequest, _peer_pb2.GenerateReply]  # type: ignore[assignment]
+    """One run of an instance whose rank 0 (or whole model: a Rank of size 1) runs on this member,
+    asked by that instance's coordinator: queued on that rank's runner like a run of this
+    node's own, its replies streamed back as the runner makes them. Ends the run when the call
+    ends; a refusal or failure is the call's status, with its reason.
     """
 
 class PeerServicer(metaclass=_abc_1.ABCMeta):
@@ -248,6 +260,18 @@ class PeerServicer(metaclass=_abc_1.ABCMeta):
         rank's runner and says how it goes (RankDown states). Both sides send a heartbeat every
         third of EXOD_PEER_TIMEOUT; when nothing arrives for EXOD_PEER_TIMEOUT, or the stream ends
         for any reason, the member ends its rank's runner.
+        """
+
+    @_abc_1.abstractmethod
+    def Generate(
+        self,
+        request: _peer_pb2.GenerateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_peer_pb2.GenerateReply], _abc.AsyncIterator[_peer_pb2.GenerateReply]]:
+        """One run of an instance whose rank 0 (or whole model: a Rank of size 1) runs on this member,
+        asked by that instance's coordinator: queued on that rank's runner like a run of this
+        node's own, its replies streamed back as the runner makes them. Ends the run when the call
+        ends; a refusal or failure is the call's status, with its reason.
         """
 
 def add_PeerServicer_to_server(servicer: PeerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
