@@ -263,7 +263,7 @@ async def serve(settings: Settings) -> None:
     try:
         supervisor = Supervisor(journal, settings, MemoryCgroups.setup())
         cluster = Cluster(settings, node_id, journal, material, supervisor)
-        planner = Planner(settings, node_id, cluster, supervisor)
+        planner = Planner(settings, node_id, cluster, supervisor, journal)
         instances = Instances(
             settings, node_id, journal, supervisor, cluster=cluster, planner=planner
         )

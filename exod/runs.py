@@ -16,7 +16,7 @@ import secrets
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
-from exod.cluster.instances import Instances, Progress
+from exod.cluster.instances import Borrowed, Instances, Progress
 from exod.config import Settings
 from exod.errors import ExoError
 from exod.eventlog import StoreError
@@ -205,10 +205,13 @@ class Runs:
         `progress` hears how the start of a split model goes (weights sent to members)."""
         self.journal.check_writable("accept runs")
         files = await self._admit(request)
+        elsewhere = None
         if self.instances is not None:
             # --on places it; else a model that fits here runs whole here as ever, and one
-            # that does not is split over the members when the plan says so.
-            await self.instances.ensure(request.model, files, list(request.on), progress)
+            # that does not goes where the plan says (a member's runner, or a split).
+            elsewhere = await self.instances.ensure(
+                request.model, files, list(request.on), progress
+            )
         # --force skips the estimate, never the cap: the supervisor still enforces that.
         need = None if request.force else admission.estimate(files.weight_bytes)
         run_id = "run-" + secrets.token_hex(4)
@@ -244,18 +247,17 @@ class Runs:
             self.awake.run_started(run_id)
             placed.append((runner_id, position))
 
-        lead = None if self.instances is None else self.instances.lead_elsewhere(str(files.path))
-        if self.instances is not None and lead is not None:
-            # Its rank 0 (or whole model) runs on a member: the run is queued there.
-            split, link = lead
-            started, job, relay = await self.instances.generate(split, link, generate)
+        if self.instances is not None and elsewhere is not None:
+            # A member's runner runs it (an instance's rank 0, or its own): queued there.
+            started, job, relay = await self.instances.generate(elsewhere, generate)
             try:
                 accept(started.runner_id, started.queue_position)
             except BaseException:
                 relay.cancel()
                 raise
             run = Run(run_id, started.runner_id, started.queue_position, job, self)
-            run.instance, run.relay = split.id, relay
+            run.instance = "" if isinstance(elsewhere, Borrowed) else elsewhere[0].id
+            run.relay = relay
             return run
         try:
             job = await self.supervisor.submit(

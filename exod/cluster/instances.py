@@ -38,7 +38,7 @@ from exod.errors import ExoError, peer_reason
 from exod.eventlog import StoreError
 from exod.eventlog.fold import MemberView
 from exod.journal import Journal
-from exod.models.inspect import ModelFiles
+from exod.models.inspect import ModelFiles, content_hash
 from exod.proto.exo.v1 import control_pb2, events_pb2, peer_pb2, peer_pb2_grpc, runner_pb2
 from exod.runners.handle import Job
 from exod.runners.supervisor import Runner, Supervisor
@@ -68,6 +68,15 @@ class Link:
     total: int = 0  # bytes of its part: 0 until it is written out and hashed
 
 
+@dataclass(frozen=True)
+class Borrowed:
+    """A member's own runner of the same model (found by its content hash in the member's
+    replicated RunnerSpawned), that this node's runs are queued on: no instance, no lease."""
+
+    member: MemberView
+    content_hash: str
+
+
 @dataclass(eq=False)
 class Instance:
     id: str
@@ -81,6 +90,11 @@ class Instance:
     message: str = ""  # why it ended
     ending: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+# Where a run goes that no runner of this node's takes: an instance's rank 0 on a member (with
+# that rank's link), or a member's own runner.
+Elsewhere = tuple[Instance, Link] | Borrowed
 
 
 class Instances:
@@ -111,34 +125,48 @@ class Instances:
         files: ModelFiles,
         forced: list[str],
         progress: Progress = lambda _: None,
-    ) -> None:
-        """Start the instance that runs `model` split, when the plan splits it and no runner
-        runs it here yet; nothing when it runs whole here. Without `forced` (no --on), only a
-        plan that splits it counts: anything else leaves the run to this node's own admission,
-        as outside a cluster. ExoError when it cannot start (every rank started is ended again
+    ) -> Elsewhere | None:
+        """Where runs of `model` go when not to a runner of this node's: an instance's rank 0
+        on a member (started here when the plan says so and none runs it yet), or a member's
+        own runner of the same model; None when it runs here. Without `forced` (no --on), a
+        plan for this node or for nowhere leaves the run to this node's own admission, as
+        outside a cluster. ExoError when it cannot start (every rank started is ended again
         then)."""
         if any(not node for node in forced):
             raise ExoError("invalid_argument", "an empty node id in --on: give node ids")
         if not forced and self._cluster.info() is None:
-            return  # no cluster: every model runs whole here
+            return None  # no cluster: every model runs whole here
         async with self._lock:
-            if self._supervisor.live_for(str(files.path)) is not None:
-                return  # loaded here already (whole, or as rank 0 of an instance)
-            if self.lead_elsewhere(str(files.path)) is not None:
-                return  # an instance runs it already, its rank 0 on a member
-            try:
-                plan = await self.planner.plan(files, forced)
-            except ExoError:
-                if forced:
-                    raise
-                return  # a model placement cannot read runs, or fails, here as ever
-            if not forced and (plan.whole_on == self._id or plan.refused is not None):
-                # It runs here whole, or nowhere: admission says what it says of it.
-                return
+            path = str(files.path)
+            if self._supervisor.live_for(path) is not None:
+                return None  # loaded here already (whole, or as rank 0 of an instance)
+            lead = self.lead_elsewhere(path)
+            if lead is not None:
+                return lead  # an instance runs it already, its rank 0 on a member
+            plan = await self._plan(files, forced)
+            if plan is None:
+                return None
+            if plan.loaded and plan.whole_on is not None and plan.whole_on != self._id:
+                # A member runs the same model for its own clients: runs join that runner.
+                digest = await asyncio.to_thread(content_hash, files.path)
+                return Borrowed(self._member(plan.whole_on), digest)
             ranks = _ranks_here(plan, self._id)
-            if not ranks:
-                return
-            await self._start(model, files, ranks, progress)
+            if ranks:
+                await self._start(model, files, ranks, progress)
+            return self.lead_elsewhere(path)
+
+    async def _plan(self, files: ModelFiles, forced: list[str]) -> Plan | None:
+        """The plan to follow; None where this node's own admission decides (the plan runs it
+        here, or nowhere, and --on did not ask for it)."""
+        try:
+            plan = await self.planner.plan(files, forced)
+        except ExoError:
+            if forced:
+                raise
+            return None  # a model placement cannot read runs, or fails, here as ever
+        if not forced and (plan.whole_on == self._id or plan.refused is not None):
+            return None
+        return plan
 
     async def _start(
         self, model: str, files: ModelFiles, ranks: tuple[Rank, ...], progress: Progress
@@ -492,36 +520,69 @@ class Instances:
         return None
 
     async def generate(
-        self, instance: Instance, lead: Link, generate: runner_pb2.Generate
+        self, elsewhere: Elsewhere, generate: runner_pb2.Generate
     ) -> tuple[peer_pb2.GenerateStarted, Job, asyncio.Task[None]]:
-        """Queue a run on rank 0's runner on its member: how it started there, the job its
-        replies arrive on (as a local runner's would), and the task that relays them (cancel it
-        to end the run)."""
-        member = lead.member.id
-        if lead.channel is None:
-            raise ExoError("rank_failed", f"instance {instance.id} has no link to node {member}")
-        request = peer_pb2.GenerateRequest(
-            protocol_version=PROTOCOL_VERSION, instance_id=instance.id, generate=generate
-        )
-        call = peer_pb2_grpc.PeerStub(lead.channel).Generate(request)
+        """Queue a run on a runner of a member (an instance's rank 0, or its own): how it
+        started there, the job its replies arrive on (as a local runner's would), and the task
+        that relays them (cancel it to end the run)."""
+        request = peer_pb2.GenerateRequest(protocol_version=PROTOCOL_VERSION, generate=generate)
+        instance: Instance | None = None
+        owned: grpc.aio.Channel | None = None  # a channel of this run's own, closed with it
+        if isinstance(elsewhere, Borrowed):
+            member = elsewhere.member
+            request.content_hash = elsewhere.content_hash
+            channel = owned = self._channel(member)
+        else:
+            instance, lead = elsewhere
+            member = lead.member
+            request.instance_id = instance.id
+            if lead.channel is None:
+                raise ExoError("rank_failed", f"instance {instance.id} has no link to {member.id}")
+            channel = lead.channel
+        call = peer_pb2_grpc.PeerStub(channel).Generate(request)
         replies = aiter(call)
         try:
             first = await anext(replies)
         except grpc.aio.AioRpcError as e:
-            raise self._run_failure(instance, e, member) from None
+            if owned is not None:
+                await owned.close(grace=None)
+            raise _run_failure(instance, e, member.id) from None
         except StopAsyncIteration:
-            raise ExoError("rank_failed", f"node {member} ended the run at once") from None
+            raise ExoError("rank_failed", f"node {member.id} ended the run at once") from None
+        except BaseException:
+            if owned is not None:
+                await owned.close(grace=None)
+            raise
         job = Job(run_id=generate.request_id, request=generate)
-        relay = asyncio.create_task(self._relay(instance, member, call, replies, job))
+        relay = asyncio.create_task(
+            self._relay(instance, member.id, call=call, replies=replies, job=job, owned=owned)
+        )
         return first.started, job, relay
+
+    def _channel(self, member: MemberView) -> grpc.aio.Channel:
+        material = self._cluster.material
+        if material is None or not member.addresses:
+            raise ExoError(
+                "peer_unreachable",
+                f"this node cannot reach node {member.id}: start exod there and let it reach "
+                "this node, then retry",
+            )
+        credentials = grpc.ssl_channel_credentials(
+            material.ca_cert, material.node_key, material.node_cert
+        )
+        options = [("grpc.ssl_target_name_override", member.id), *KEEPALIVE]
+        target = endpoint(member.addresses[0], member.port)
+        return grpc.aio.secure_channel(target, credentials, options=options)
 
     async def _relay(
         self,
-        instance: Instance,
+        instance: Instance | None,
         member: str,
+        *,
         call: grpc.aio.UnaryStreamCall[peer_pb2.GenerateRequest, peer_pb2.GenerateReply],
         replies: AsyncIterator[peer_pb2.GenerateReply],
         job: Job,
+        owned: grpc.aio.Channel | None,
     ) -> None:
         try:
             async for reply in replies:
@@ -535,34 +596,36 @@ class Instances:
                     return
             job.finish(ExoError("rank_failed", f"node {member} ended the run before its end"))
         except grpc.aio.AioRpcError as e:
-            job.finish(self._run_failure(instance, e, member))
+            job.finish(_run_failure(instance, e, member))
         except asyncio.CancelledError:
             call.cancel()  # the member ends the run
             job.finish(ExoError("cancelled", "cancelled"))
             raise
+        finally:
+            if owned is not None:
+                await owned.close(grace=None)
 
-    @staticmethod
-    def _run_failure(instance: Instance, e: grpc.aio.AioRpcError, member: str) -> ExoError:
-        """Why a run on rank 0 elsewhere ended: the instance's end when it has ended (that
-        closes the call), else the member's reason as it gave it."""
-        if instance.ending.is_set():
-            return ExoError(instance.reason or "rank_failed", instance.message)
-        reason = peer_reason(e)
-        if reason is not None:
-            return ExoError(reason, e.details() or "")
-        if e.code() in _GONE:
-            return ExoError(
-                "peer_unreachable",
-                f"node {member}, which runs rank 0 of instance {instance.id}, went away "
-                "mid-run: retry once it is back",
-            )
-        if e.code() == grpc.StatusCode.UNIMPLEMENTED:
-            return ExoError(
-                "protocol_mismatch",
-                f"node {member} runs an earlier exod that cannot take runs of a split model: "
-                "upgrade exod there",
-            )
-        return ExoError("internal", f"node {member} failed the run: {e.details()}")
+
+def _run_failure(instance: Instance | None, e: grpc.aio.AioRpcError, member: str) -> ExoError:
+    """Why a run on a member's runner ended: the instance's end when it has ended (that closes
+    the call), else the member's reason as it gave it."""
+    if instance is not None and instance.ending.is_set():
+        return ExoError(instance.reason or "rank_failed", instance.message)
+    reason = peer_reason(e)
+    if reason is not None:
+        return ExoError(reason, e.details() or "")
+    if e.code() in _GONE:
+        return ExoError(
+            "peer_unreachable",
+            f"node {member}, which runs this model, went away mid-run: retry once it is back",
+        )
+    if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+        return ExoError(
+            "protocol_mismatch",
+            f"node {member} runs an earlier exod that cannot take this node's runs: upgrade "
+            "exod there",
+        )
+    return ExoError("internal", f"node {member} failed the run: {e.details()}")
 
 
 _GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)

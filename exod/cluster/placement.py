@@ -58,6 +58,8 @@ class Plan:
     whole_on: str | None = None
     ranks: tuple[Rank, ...] = ()  # what each node holds; one rank (every layer) when whole
     refused: Refused | None = None
+    # whole_on runs the model already (a runner there): runs go to that runner.
+    loaded: bool = False
 
 
 def usable_memory(free: int, reserved: int, cap: int) -> int:
@@ -83,7 +85,7 @@ def place(
     )
     whole = _whole_choice(shape, usable, local_id, loaded_on)
     if whole is not None:
-        return _whole(shape, whole)
+        return _whole(shape, whole, loaded_on)
     if len(usable) < 2:
         return _refuse(_too_large_for(shape, usable, local_id))
     if not shape.pipeline or shape.layers < 2:
@@ -181,9 +183,9 @@ def _layer_room(shape: Shape, member: Member) -> int:
     return weights - shape.shared_bytes
 
 
-def _whole(shape: Shape, member: Member) -> Plan:
+def _whole(shape: Shape, member: Member, loaded_on: Collection[str]) -> Plan:
     rank = Rank(0, member.id, 0, max(shape.layers - 1, 0), estimate(shape.total_bytes))
-    return Plan(whole_on=member.id, ranks=(rank,))
+    return Plan(whole_on=member.id, ranks=(rank,), loaded=member.id in loaded_on)
 
 
 def _refuse(refusal: Refused) -> Plan:
@@ -205,7 +207,7 @@ def _forced(
         (member,) = chosen
         need = estimate(shape.total_bytes)
         if member.id in loaded_on or need <= member.room:
-            return _whole(shape, member)
+            return _whole(shape, member, loaded_on)
         return _refuse(
             Refused(
                 "model_too_large",

@@ -12,6 +12,8 @@ import psutil
 from exod.cluster.control import Cluster
 from exod.cluster.placement import Member, Plan, place, usable_memory
 from exod.config import Settings
+from exod.eventlog import running_elsewhere
+from exod.journal import Journal
 from exod.models.inspect import ModelFiles, content_hash
 from exod.models.pipeline_check import PipelineCheck
 from exod.models.shape import read_shape
@@ -20,12 +22,18 @@ from exod.runners.supervisor import Supervisor
 
 class Planner:
     def __init__(
-        self, settings: Settings, node_id: str, cluster: Cluster, supervisor: Supervisor
+        self,
+        settings: Settings,
+        node_id: str,
+        cluster: Cluster,
+        supervisor: Supervisor,
+        journal: Journal,
     ) -> None:
         self._settings = settings
         self._id = node_id
         self._cluster = cluster
         self._supervisor = supervisor
+        self._journal = journal
         self._pipeline = PipelineCheck()
 
     async def members(self) -> list[Member]:
@@ -51,7 +59,10 @@ class Planner:
         if members is None:
             members = await self.members()
         live = self._supervisor.live_for(str(files.path))
+        digest = await asyncio.to_thread(content_hash, files.path)
+        # Where it runs already: here, or on members whose runners run the same content.
         loaded = [self._id] if live is not None else []
+        loaded += running_elsewhere(self._journal.state, digest)
 
         def plan_for(pipeline: bool) -> Plan:
             return place(
@@ -67,6 +78,5 @@ class Planner:
         if plan.whole_on is None and (
             plan.refused is None or plan.refused.reason == "model_too_large"
         ):
-            digest = await asyncio.to_thread(content_hash, files.path)
             plan = plan_for(await self._pipeline.supports(files.path, digest))
         return plan

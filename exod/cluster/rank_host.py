@@ -234,17 +234,11 @@ class RankHost:
     async def generate(
         self, request: peer_pb2.GenerateRequest, caller: str
     ) -> AsyncIterator[peer_pb2.GenerateReply]:
-        """One run of the instance whose rank 0 (or whole model) runs here, for its coordinator:
-        queued on that runner as this node's own runs are, until it ends or the call does."""
-        check_version(request.protocol_version, f"coordinator {caller}")
-        lead = self._lead
-        if lead is None or self._running != request.instance_id or lead[1] != caller:
-            raise ExoError(
-                "runner_not_found",
-                f"node {self._id} runs no rank 0 of instance {request.instance_id} for node "
-                f"{caller}: it has ended",
-            )
-        runner = lead[0]
+        """One run of the instance whose rank 0 (or whole model) runs here, for its coordinator,
+        or of a model a runner here runs already (by content hash), for any member: queued on
+        that runner as this node's own runs are, until it ends or the call does."""
+        check_version(request.protocol_version, f"node {caller}")
+        runner = self._runner_for(request, caller)
         started: list[peer_pb2.GenerateStarted] = []
 
         def accept(runner_id: str, position: int) -> None:
@@ -274,3 +268,21 @@ class RankHost:
                     return
         finally:
             self._supervisor.cancel(job)  # nothing once it has ended
+
+    def _runner_for(self, request: peer_pb2.GenerateRequest, caller: str) -> Runner:
+        if not request.instance_id:
+            runner = self._supervisor.live_with(request.content_hash)
+            if runner is None:
+                raise ExoError(
+                    "runner_not_found",
+                    f"node {self._id} runs that model no more: run it again to place it anew",
+                )
+            return runner
+        lead = self._lead
+        if lead is None or self._running != request.instance_id or lead[1] != caller:
+            raise ExoError(
+                "runner_not_found",
+                f"node {self._id} runs no rank 0 of instance {request.instance_id} for node "
+                f"{caller}: it has ended",
+            )
+        return lead[0]

@@ -15,6 +15,7 @@ from exod.eventlog.fold import (
     decode,
     encode,
     fold,
+    running_elsewhere,
 )
 from exod.eventlog.records import Record, kind_of
 from exod.eventlog.replay import maybe_snapshot, replay, snapshot_seq
@@ -42,5 +43,6 @@ __all__ = [
     "kind_of",
     "maybe_snapshot",
     "replay",
+    "running_elsewhere",
     "snapshot_seq",
 ]

@@ -127,6 +127,8 @@ class PeerView:
     id: str
     held: int  # the highest origin_seq of it in this log
     runners: tuple[str, ...] = ()  # its runners that its log says are alive, by id
+    # (runner id, content hash of its model) of those runners: what model each runs there.
+    models: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,12 @@ def fold(records: Iterable[Record], state: State = EMPTY, own: str = "") -> Stat
     for record in records:
         state = apply(state, record, own)
     return state
+
+
+def running_elsewhere(state: State, content_hash: str) -> list[str]:
+    """The members whose replicated log says a runner of theirs runs the model with this
+    content hash, by id."""
+    return sorted(p.id for p in state.peers.values() if any(m[1] == content_hash for m in p.models))
 
 
 def alive_runners(state: State) -> list[RunnerView]:
@@ -278,12 +286,18 @@ def _apply_peer(state: State, record: Record, own: str, *, known: bool) -> State
     e = record.event
     match record.kind if known else "":
         case "RunnerSpawned":
-            rid = e.runner_spawned.runner_id
+            rid, digest = e.runner_spawned.runner_id, e.runner_spawned.content_hash
             if rid not in peer.runners:
                 peer = replace(peer, runners=(*peer.runners, rid))
+                if digest:
+                    peer = replace(peer, models=(*peer.models, (rid, digest)))
         case "RunnerFailed" | "RunnerStopped":
             rid = e.runner_failed.runner_id or e.runner_stopped.runner_id
-            peer = replace(peer, runners=tuple(r for r in peer.runners if r != rid))
+            peer = replace(
+                peer,
+                runners=tuple(r for r in peer.runners if r != rid),
+                models=tuple(m for m in peer.models if m[0] != rid),
+            )
         case "NodeJoined":
             # The CA's node admitted someone: every member learns of it this way.
             state = _joined(state, e.node_joined, own)
@@ -514,7 +528,17 @@ def _peer(d: Any) -> PeerView:
     runners = _list(d, "runners")
     if not all(isinstance(r, str) for r in runners):
         raise TypeError("runners is not a list of strings")
-    return PeerView(id=_str(d, "id"), held=_int(d, "held"), runners=tuple(runners))
+    models = _list(d, "models", [])
+    if not all(
+        isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m) for m in models
+    ):
+        raise TypeError("models is not a list of [runner id, content hash]")
+    return PeerView(
+        id=_str(d, "id"),
+        held=_int(d, "held"),
+        runners=tuple(runners),
+        models=tuple((m[0], m[1]) for m in models),
+    )
 
 
 # Typed reads from parsed JSON: a value of the wrong type is a damaged snapshot, not a crash later.

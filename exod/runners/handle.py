@@ -23,6 +23,7 @@ from exod.config import Settings
 from exod.errors import ExoError
 from exod.eventlog import StoreError
 from exod.journal import Journal
+from exod.models.inspect import content_hash
 from exod.proto.exo.v1 import events_pb2, runner_pb2
 from exod.runners import pipe, process
 from exod.runners.cgroup import MemoryCgroups
@@ -91,6 +92,7 @@ class Runner:
     # jobs and is never idle here: its lease from the coordinator decides when it ends.
     rank: runner_pb2.Rank | None = None
     instance: str = ""  # the instance (i-…) it is rank 0 of, on the coordinator
+    content_hash: str = ""  # of model_path (RunnerSpawned): members find the same model by it
 
     @property
     def pid(self) -> int:
@@ -161,6 +163,7 @@ async def spawn(
         reader, writer = await asyncio.open_unix_connection(sock=ours.dup())
     runner = Runner(runner_id, model, model_path, proc, reader, writer, log_path)
     runner.lifeline = lifeline_write
+    runner.content_hash = await asyncio.to_thread(_content_hash, model_path)
     if cgroups.base is not None:
         members = [proc.pid, *process.group_members(proc.pid)]
         runner.cgroup = cgroups.limit(runner_id, members, settings.max_runner_memory)
@@ -171,6 +174,7 @@ async def spawn(
         pid=proc.pid,
         start_time=process.start_time_of(proc.pid),
         log_path=str(log_path),
+        content_hash=runner.content_hash,
     )
     try:
         journal.append(events_pb2.Event(runner_spawned=spawned))
@@ -201,3 +205,11 @@ def greeting(
     if rank is not None:
         load.rank.CopyFrom(rank)
     return [runner_pb2.ToRunner(hello=hello), runner_pb2.ToRunner(load=load)]
+
+
+def _content_hash(model_path: str) -> str:
+    """The model's content hash; "" when its files cannot be read (its load will say why)."""
+    try:
+        return content_hash(Path(model_path))
+    except (ExoError, OSError, ValueError):
+        return ""

@@ -250,6 +250,15 @@ class Supervisor:
         """The live runner that runs would be queued on for this directory, if any."""
         return self._live_for(model_path)
 
+    def live_with(self, content_hash: str) -> Runner | None:
+        """A live runner that runs would be queued on whose model has this content hash."""
+        for runner in self.runners.values():
+            # A rank's runner holds part of a model (or serves its instance): never borrowed.
+            whole = runner.rank is None and runner.content_hash == content_hash
+            if whole and runner.ending is None:
+                return runner
+        return None
+
     async def start_rank(
         self, model: str, model_path: str, rank: runner_pb2.Rank | None, need: int
     ) -> Runner:

@@ -375,6 +375,33 @@ def test_a_model_whole_on_the_member_runs_there_for_this_node(pair: Pair) -> Non
     assert ended[-1]["instance_id"] == instance["id"], ended[-1]
 
 
+def test_a_model_a_member_runs_for_itself_is_run_there_on_its_runner(pair: Pair) -> None:
+    """B runs the model for a client of its own; A's runs of the same content (found by B's
+    replicated RunnerSpawned) join that runner: no copy is sent, no second runner starts."""
+    whole = _whole_text(pair)
+    b_id = pair.b.id
+    assert pair.b.daemon.ok("run", str(pair.model), PROMPT, "--raw", "--max-tokens", "30").text
+    (b_runner,) = _alive_runners(pair.b)
+
+    def a_knows() -> bool:
+        return any(n["id"] == b_id and n["runners"] == 1 for n in pair.a.daemon.status()["nodes"])
+
+    assert wait_until(a_knows, 10, poll=0.2)
+    plan = json.loads(pair.a.daemon.ok("place", "split", "--json").stdout)
+    assert plan["whole_on"] == b_id, plan  # loaded there comes first
+    for args in ((), ("--on", b_id)):
+        there = pair.a.daemon.ok("run", "split", PROMPT, "--raw", "--max-tokens", "30", *args)
+        assert there.text == whole
+    assert [r["id"] for r in _alive_runners(pair.b)] == [b_runner["id"]]
+    assert _alive_runners(pair.a) == [] and pair.a.daemon.status()["instances"] == []
+    # Once B's runner is gone, A's next run is placed anew (here: A has room for it whole).
+    pair.b.daemon.ok("kill", b_runner["id"])
+    assert wait_until(lambda: not a_knows(), 10, poll=0.2)
+    assert pair.a.daemon.ok("run", "split", PROMPT, "--raw", "--max-tokens", "30").text == whole
+    (a_runner,) = _alive_runners(pair.a)
+    pair.a.daemon.ok("kill", a_runner["id"])
+
+
 def test_a_model_no_node_holds_whole_is_split_without_being_asked(pair: Pair) -> None:
     """Each node's runner cap holds the runtime and three or four of a model's five layers
     (with the tensors every rank keeps), never all five: a run without --on splits it over A

@@ -21,6 +21,7 @@ from exod.eventlog import (
     encode,
     fold,
     kind_of,
+    running_elsewhere,
 )
 from exod.eventlog.fold import MAX_ENDED_RUNNERS
 from exod.proto.exo.v1 import events_pb2 as pb
@@ -250,6 +251,25 @@ def test_an_instance_another_member_placed_is_not_this_nodes_to_close() -> None:
         seq=1, origin="n2", origin_seq=1, ts=1.0, kind="InstancePlaced", event=placed("i-1")
     )
     assert dict(apply(EMPTY, record, own="n1").instances) == {}
+
+
+def test_what_model_a_members_live_runners_run_is_known_by_its_content_hash() -> None:
+    def theirs(seq: int, event: pb.Event) -> Record:
+        return Record(
+            seq=seq, origin="n2", origin_seq=seq, ts=1.0, kind=kind_of(event), event=event
+        )
+
+    spawned_there = spawned("r1")
+    spawned_there.runner_spawned.content_hash = "h-big"
+    before = spawned("r0")  # an exod that logged no content hash
+    state = fold([theirs(1, before), theirs(2, spawned_there)], own="n1")
+    assert running_elsewhere(state, "h-big") == ["n2"]
+    assert running_elsewhere(state, "h-other") == []
+    assert decode(encode(state)) == state
+    state = apply(state, theirs(3, stopped("r1")), own="n1")
+    assert running_elsewhere(state, "h-big") == []
+    # This node's own runners are not "elsewhere".
+    assert running_elsewhere(fold(records(spawned_there), own="n1"), "h-big") == []
 
 
 def test_models_are_added_replaced_and_removed_by_name() -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x65xo/v1/events.proto\x12\x06\x65xo.v1\"\xd9\x06\n\x05\x45vent\x12+\n\x0cnode_started\x18\x01 \x01(\x0b\x32\x13.exo.v1.NodeStartedH\x00\x12+\n\x0cnode_stopped\x18\x02 \x01(\x0b\x32\x13.exo.v1.NodeStoppedH\x00\x12/\n\x0erunner_spawned\x18\x03 \x01(\x0b\x32\x15.exo.v1.RunnerSpawnedH\x00\x12+\n\x0crunner_ready\x18\x04 \x01(\x0b\x32\x13.exo.v1.RunnerReadyH\x00\x12-\n\rrunner_failed\x18\x05 \x01(\x0b\x32\x14.exo.v1.RunnerFailedH\x00\x12/\n\x0erunner_stopped\x18\x06 \x01(\x0b\x32\x15.exo.v1.RunnerStoppedH\x00\x12+\n\x0crun_accepted\x18\x07 \x01(\x0b\x32\x13.exo.v1.RunAcceptedH\x00\x12+\n\x0crun_finished\x18\x08 \x01(\x0b\x32\x13.exo.v1.RunFinishedH\x00\x12)\n\x0bmodel_added\x18\t \x01(\x0b\x32\x12.exo.v1.ModelAddedH\x00\x12-\n\rmodel_removed\x18\n \x01(\x0b\x32\x14.exo.v1.ModelRemovedH\x00\x12-\n\rinvite_issued\x18\x0b \x01(\x0b\x32\x14.exo.v1.InviteIssuedH\x00\x12)\n\x0bnode_joined\x18\x0c \x01(\x0b\x32\x12.exo.v1.NodeJoinedH\x00\x12\x31\n\x0f\x63luster_entered\x18\r \x01(\x0b\x32\x16.exo.v1.ClusterEnteredH\x00\x12\x31\n\x0fmembers_learned\x18\x0e \x01(\x0b\x32\x16.exo.v1.MembersLearnedH\x00\x12+\n\x0cnode_removed\x18\x0f \x01(\x0b\x32\x13.exo.v1.NodeRemovedH\x00\x12+\n\x0c\x63luster_left\x18\x10 \x01(\x0b\x32\x13.exo.v1.ClusterLeftH\x00\x12\x31\n\x0finstance_placed\x18\x11 \x01(\x0b\x32\x16.exo.v1.InstancePlacedH\x00\x12/\n\x0einstance_ended\x18\x12 \x01(\x0b\x32\x15.exo.v1.InstanceEndedH\x00\x42\x06\n\x04kind\"=\n\x0bNodeStarted\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x10\n\x08hostname\x18\x03 \x01(\t\"\x1d\n\x0bNodeStopped\x12\x0e\n\x06reason\x18\x01 \x01(\t\"x\n\rRunnerSpawned\x12\x11\n\trunner_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nmodel_path\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x12\n\nstart_time\x18\x05 \x01(\x01\x12\x10\n\x08log_path\x18\x06 \x01(\t\"0\n\x0bRunnerReady\x12\x11\n\trunner_id\x18\x01 \x01(\t\x12\x0e\n\x06load_s\x18\x02 \x01(\x01\"f\n\x0cRunnerFailed\x12\x11\n\trunner_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x13\n\x0b\x65xit_status\x18\x04 \x01(\x05\x12\x0e\n\x06signal\x18\x05 \x01(\x05\"2\n\rRunnerStopped\x12\x11\n\trunner_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x93\x01\n\x0bRunAccepted\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\trunner_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0cprompt_bytes\x18\x04 \x01(\x05\x12\x13\n\x0bprompt_hmac\x18\x05 \x01(\t\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12\x13\n\x0btemperature\x18\x07 \x01(\x01\"\x9a\x01\n\x0bRunFinished\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0bstop_reason\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11generation_tokens\x18\x05 \x01(\x05\x12\x0e\n\x06ttft_s\x18\x06 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x07 \x01(\x01\"[\n\nModelAdded\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\x12\r\n\x05owned\x18\x04 \x01(\x08\x12\x0c\n\x04stop\x18\x05 \x03(\t\"\x1c\n\x0cModelRemoved\x12\x0c\n\x04name\x18\x01 \x01(\t\"G\n\x0cInviteIssued\x12\x15\n\rsecret_digest\x18\x01 \x01(\t\x12\x0f\n\x07\x65xpires\x18\x02 \x01(\x03\x12\x0f\n\x07inviter\x18\x03 \x01(\t\"\x8a\x01\n\nNodeJoined\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10\x63\x65rt_fingerprint\x18\x03 \x01(\t\x12\x15\n\rsecret_digest\x18\x04 \x01(\t\x12\x11\n\taddresses\x18\x05 \x03(\t\x12\x0c\n\x04port\x18\x06 \x01(\x05\x12\x0b\n\x03via\x18\x07 \x01(\t\"n\n\x0e\x43lusterEntered\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61_fingerprint\x18\x02 \x01(\t\x12\x0b\n\x03how\x18\x03 \x01(\t\x12\x12\n\nca_node_id\x18\x04 \x01(\t\x12\x0f\n\x07\x63\x61_cert\x18\x05 \x01(\x0c\"6\n\x0eMembersLearned\x12$\n\x07members\x18\x01 \x03(\x0b\x32\x13.exo.v1.KnownMember\"M\n\x0bKnownMember\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\taddresses\x18\x03 \x03(\t\x12\x0c\n\x04port\x18\x04 \x01(\x05\"d\n\x0bNodeRemoved\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x18\n\x10\x63\x65rt_fingerprint\x18\x02 \x01(\t\x12\n\n\x02ts\x18\x03 \x01(\x03\x12\x0b\n\x03how\x18\x04 \x01(\t\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"!\n\x0b\x43lusterLeft\x12\x12\n\ncluster_id\x18\x01 \x01(\t\"[\n\x0eInstancePlaced\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x05ranks\x18\x03 \x03(\x0b\x32\x16.exo.v1.PlacedRankInfo\"X\n\x0ePlacedRankInfo\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\x05\x12\x12\n\nlast_layer\x18\x04 \x01(\x05\"E\n\rInstanceEnded\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x65xo/v1/events.proto\x12\x06\x65xo.v1\"\xd9\x06\n\x05\x45vent\x12+\n\x0cnode_started\x18\x01 \x01(\x0b\x32\x13.exo.v1.NodeStartedH\x00\x12+\n\x0cnode_stopped\x18\x02 \x01(\x0b\x32\x13.exo.v1.NodeStoppedH\x00\x12/\n\x0erunner_spawned\x18\x03 \x01(\x0b\x32\x15.exo.v1.RunnerSpawnedH\x00\x12+\n\x0crunner_ready\x18\x04 \x01(\x0b\x32\x13.exo.v1.RunnerReadyH\x00\x12-\n\rrunner_failed\x18\x05 \x01(\x0b\x32\x14.exo.v1.RunnerFailedH\x00\x12/\n\x0erunner_stopped\x18\x06 \x01(\x0b\x32\x15.exo.v1.RunnerStoppedH\x00\x12+\n\x0crun_accepted\x18\x07 \x01(\x0b\x32\x13.exo.v1.RunAcceptedH\x00\x12+\n\x0crun_finished\x18\x08 \x01(\x0b\x32\x13.exo.v1.RunFinishedH\x00\x12)\n\x0bmodel_added\x18\t \x01(\x0b\x32\x12.exo.v1.ModelAddedH\x00\x12-\n\rmodel_removed\x18\n \x01(\x0b\x32\x14.exo.v1.ModelRemovedH\x00\x12-\n\rinvite_issued\x18\x0b \x01(\x0b\x32\x14.exo.v1.InviteIssuedH\x00\x12)\n\x0bnode_joined\x18\x0c \x01(\x0b\x32\x12.exo.v1.NodeJoinedH\x00\x12\x31\n\x0f\x63luster_entered\x18\r \x01(\x0b\x32\x16.exo.v1.ClusterEnteredH\x00\x12\x31\n\x0fmembers_learned\x18\x0e \x01(\x0b\x32\x16.exo.v1.MembersLearnedH\x00\x12+\n\x0cnode_removed\x18\x0f \x01(\x0b\x32\x13.exo.v1.NodeRemovedH\x00\x12+\n\x0c\x63luster_left\x18\x10 \x01(\x0b\x32\x13.exo.v1.ClusterLeftH\x00\x12\x31\n\x0finstance_placed\x18\x11 \x01(\x0b\x32\x16.exo.v1.InstancePlacedH\x00\x12/\n\x0einstance_ended\x18\x12 \x01(\x0b\x32\x15.exo.v1.InstanceEndedH\x00\x42\x06\n\x04kind\"=\n\x0bNodeStarted\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x10\n\x08hostname\x18\x03 \x01(\t\"\x1d\n\x0bNodeStopped\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x8e\x01\n\rRunnerSpawned\x12\x11\n\trunner_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nmodel_path\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x12\n\nstart_time\x18\x05 \x01(\x01\x12\x10\n\x08log_path\x18\x06 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x07 \x01(\t\"0\n\x0bRunnerReady\x12\x11\n\trunner_id\x18\x01 \x01(\t\x12\x0e\n\x06load_s\x18\x02 \x01(\x01\"f\n\x0cRunnerFailed\x12\x11\n\trunner_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x13\n\x0b\x65xit_status\x18\x04 \x01(\x05\x12\x0e\n\x06signal\x18\x05 \x01(\x05\"2\n\rRunnerStopped\x12\x11\n\trunner_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x93\x01\n\x0bRunAccepted\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\trunner_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0cprompt_bytes\x18\x04 \x01(\x05\x12\x13\n\x0bprompt_hmac\x18\x05 \x01(\t\x12\x12\n\nmax_tokens\x18\x06 \x01(\x05\x12\x13\n\x0btemperature\x18\x07 \x01(\x01\"\x9a\x01\n\x0bRunFinished\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0bstop_reason\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11generation_tokens\x18\x05 \x01(\x05\x12\x0e\n\x06ttft_s\x18\x06 \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x07 \x01(\x01\"[\n\nModelAdded\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_hash\x18\x03 \x01(\t\x12\r\n\x05owned\x18\x04 \x01(\x08\x12\x0c\n\x04stop\x18\x05 \x03(\t\"\x1c\n\x0cModelRemoved\x12\x0c\n\x04name\x18\x01 \x01(\t\"G\n\x0cInviteIssued\x12\x15\n\rsecret_digest\x18\x01 \x01(\t\x12\x0f\n\x07\x65xpires\x18\x02 \x01(\x03\x12\x0f\n\x07inviter\x18\x03 \x01(\t\"\x8a\x01\n\nNodeJoined\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x18\n\x10\x63\x65rt_fingerprint\x18\x03 \x01(\t\x12\x15\n\rsecret_digest\x18\x04 \x01(\t\x12\x11\n\taddresses\x18\x05 \x03(\t\x12\x0c\n\x04port\x18\x06 \x01(\x05\x12\x0b\n\x03via\x18\x07 \x01(\t\"n\n\x0e\x43lusterEntered\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61_fingerprint\x18\x02 \x01(\t\x12\x0b\n\x03how\x18\x03 \x01(\t\x12\x12\n\nca_node_id\x18\x04 \x01(\t\x12\x0f\n\x07\x63\x61_cert\x18\x05 \x01(\x0c\"6\n\x0eMembersLearned\x12$\n\x07members\x18\x01 \x03(\x0b\x32\x13.exo.v1.KnownMember\"M\n\x0bKnownMember\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\taddresses\x18\x03 \x03(\t\x12\x0c\n\x04port\x18\x04 \x01(\x05\"d\n\x0bNodeRemoved\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x18\n\x10\x63\x65rt_fingerprint\x18\x02 \x01(\t\x12\n\n\x02ts\x18\x03 \x01(\x03\x12\x0b\n\x03how\x18\x04 \x01(\t\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"!\n\x0b\x43lusterLeft\x12\x12\n\ncluster_id\x18\x01 \x01(\t\"[\n\x0eInstancePlaced\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x05ranks\x18\x03 \x03(\x0b\x32\x16.exo.v1.PlacedRankInfo\"X\n\x0ePlacedRankInfo\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\x05\x12\x12\n\nlast_layer\x18\x04 \x01(\x05\"E\n\rInstanceEnded\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,40 +37,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODESTARTED']._serialized_end=952
   _globals['_NODESTOPPED']._serialized_start=954
   _globals['_NODESTOPPED']._serialized_end=983
-  _globals['_RUNNERSPAWNED']._serialized_start=985
-  _globals['_RUNNERSPAWNED']._serialized_end=1105
-  _globals['_RUNNERREADY']._serialized_start=1107
-  _globals['_RUNNERREADY']._serialized_end=1155
-  _globals['_RUNNERFAILED']._serialized_start=1157
-  _globals['_RUNNERFAILED']._serialized_end=1259
-  _globals['_RUNNERSTOPPED']._serialized_start=1261
-  _globals['_RUNNERSTOPPED']._serialized_end=1311
-  _globals['_RUNACCEPTED']._serialized_start=1314
-  _globals['_RUNACCEPTED']._serialized_end=1461
-  _globals['_RUNFINISHED']._serialized_start=1464
-  _globals['_RUNFINISHED']._serialized_end=1618
-  _globals['_MODELADDED']._serialized_start=1620
-  _globals['_MODELADDED']._serialized_end=1711
-  _globals['_MODELREMOVED']._serialized_start=1713
-  _globals['_MODELREMOVED']._serialized_end=1741
-  _globals['_INVITEISSUED']._serialized_start=1743
-  _globals['_INVITEISSUED']._serialized_end=1814
-  _globals['_NODEJOINED']._serialized_start=1817
-  _globals['_NODEJOINED']._serialized_end=1955
-  _globals['_CLUSTERENTERED']._serialized_start=1957
-  _globals['_CLUSTERENTERED']._serialized_end=2067
-  _globals['_MEMBERSLEARNED']._serialized_start=2069
-  _globals['_MEMBERSLEARNED']._serialized_end=2123
-  _globals['_KNOWNMEMBER']._serialized_start=2125
-  _globals['_KNOWNMEMBER']._serialized_end=2202
-  _globals['_NODEREMOVED']._serialized_start=2204
-  _globals['_NODEREMOVED']._serialized_end=2304
-  _globals['_CLUSTERLEFT']._serialized_start=2306
-  _globals['_CLUSTERLEFT']._serialized_end=2339
-  _globals['_INSTANCEPLACED']._serialized_start=2341
-  _globals['_INSTANCEPLACED']._serialized_end=2432
-  _globals['_PLACEDRANKINFO']._serialized_start=2434
-  _globals['_PLACEDRANKINFO']._serialized_end=2522
-  _globals['_INSTANCEENDED']._serialized_start=2524
-  _globals['_INSTANCEENDED']._serialized_end=2593
+  _globals['_RUNNERSPAWNED']._serialized_start=986
+  _globals['_RUNNERSPAWNED']._serialized_end=1128
+  _globals['_RUNNERREADY']._serialized_start=1130
+  _globals['_RUNNERREADY']._serialized_end=1178
+  _globals['_RUNNERFAILED']._serialized_start=1180
+  _globals['_RUNNERFAILED']._serialized_end=1282
+  _globals['_RUNNERSTOPPED']._serialized_start=1284
+  _globals['_RUNNERSTOPPED']._serialized_end=1334
+  _globals['_RUNACCEPTED']._serialized_start=1337
+  _globals['_RUNACCEPTED']._serialized_end=1484
+  _globals['_RUNFINISHED']._serialized_start=1487
+  _globals['_RUNFINISHED']._serialized_end=1641
+  _globals['_MODELADDED']._serialized_start=1643
+  _globals['_MODELADDED']._serialized_end=1734
+  _globals['_MODELREMOVED']._serialized_start=1736
+  _globals['_MODELREMOVED']._serialized_end=1764
+  _globals['_INVITEISSUED']._serialized_start=1766
+  _globals['_INVITEISSUED']._serialized_end=1837
+  _globals['_NODEJOINED']._serialized_start=1840
+  _globals['_NODEJOINED']._serialized_end=1978
+  _globals['_CLUSTERENTERED']._serialized_start=1980
+  _globals['_CLUSTERENTERED']._serialized_end=2090
+  _globals['_MEMBERSLEARNED']._serialized_start=2092
+  _globals['_MEMBERSLEARNED']._serialized_end=2146
+  _globals['_KNOWNMEMBER']._serialized_start=2148
+  _globals['_KNOWNMEMBER']._serialized_end=2225
+  _globals['_NODEREMOVED']._serialized_start=2227
+  _globals['_NODEREMOVED']._serialized_end=2327
+  _globals['_CLUSTERLEFT']._serialized_start=2329
+  _globals['_CLUSTERLEFT']._serialized_end=2362
+  _globals['_INSTANCEPLACED']._serialized_start=2364
+  _globals['_INSTANCEPLACED']._serialized_end=2455
+  _globals['_PLACEDRANKINFO']._serialized_start=2457
+  _globals['_PLACEDRANKINFO']._serialized_end=2545
+  _globals['_INSTANCEENDED']._serialized_start=2547
+  _globals['_INSTANCEENDED']._serialized_end=2616
 # @@protoc_insertion_point(module_scope)

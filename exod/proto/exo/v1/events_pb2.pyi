@@ -166,6 +166,7 @@ class RunnerSpawned(_message.Message):
     PID_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     LOG_PATH_FIELD_NUMBER: _builtins.int
+    CONTENT_HASH_FIELD_NUMBER: _builtins.int
     runner_id: _builtins.str
     model: _builtins.str
     """what the user asked for (registered name or directory)"""
@@ -175,6 +176,10 @@ class RunnerSpawned(_message.Message):
     start_time: _builtins.float
     """the process's create time, so a reused pid is never mistaken for it"""
     log_path: _builtins.str
+    content_hash: _builtins.str
+    """models/inspect.py's content_hash of model_path: how a member knows that another runs the
+    same model (from its replicated events), whatever its directory is called there.
+    """
     def __init__(
         self,
         *,
@@ -184,10 +189,11 @@ class RunnerSpawned(_message.Message):
         pid: _builtins.int = ...,
         start_time: _builtins.float = ...,
         log_path: _builtins.str = ...,
+        content_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["log_path", b"log_path", "model", b"model", "model_path", b"model_path", "pid", b"pid", "runner_id", b"runner_id", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_hash", b"content_hash", "log_path", b"log_path", "model", b"model", "model_path", b"model_path", "pid", b"pid", "runner_id", b"runner_id", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

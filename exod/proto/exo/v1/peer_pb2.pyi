@@ -941,8 +941,13 @@ class GenerateRequest(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     GENERATE_FIELD_NUMBER: _builtins.int
+    CONTENT_HASH_FIELD_NUMBER: _builtins.int
     protocol_version: _builtins.str
     instance_id: _builtins.str
+    content_hash: _builtins.str
+    """Without instance_id: a runner of this member's own whose model has this content hash
+    (models/inspect.py content_hash; RunnerSpawned.content_hash told the asker of it).
+    """
     @_builtins.property
     def generate(self) -> _runner_pb2.Generate:
         """as the coordinator's runs queue it on a runner of their own"""
@@ -953,10 +958,11 @@ class GenerateRequest(_message.Message):
         protocol_version: _builtins.str = ...,
         instance_id: _builtins.str = ...,
         generate: _runner_pb2.Generate | None = ...,
+        content_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["generate", b"generate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generate", b"generate", "instance_id", b"instance_id", "protocol_version", b"protocol_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_hash", b"content_hash", "generate", b"generate", "instance_id", b"instance_id", "protocol_version", b"protocol_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -193,7 +193,8 @@ class PeerServicer:
 
     def Generate(self, request, context):
         """One run of an instance whose rank 0 (or whole model: a Rank of size 1) runs on this member,
-        asked by that instance's coordinator: queued on that rank's runner like a run of this
+        asked by that instance's coordinator, or of a model this member runs already for its own
+        clients (by content hash), asked by any member: queued on that runner like a run of this
         node's own, its replies streamed back as the runner makes them. Ends the run when the call
         ends; a refusal or failure is the call's status, with its reason.
         """

@@ -88,7 +88,8 @@ class PeerStub:
     """
     Generate: _grpc.UnaryStreamMultiCallable[_peer_pb2.GenerateRequest, _peer_pb2.GenerateReply]
     """One run of an instance whose rank 0 (or whole model: a Rank of size 1) runs on this member,
-    asked by that instance's coordinator: queued on that rank's runner like a run of this
+    asked by that instance's coordinator, or of a model this member runs already for its own
+    clients (by content hash), asked by any member: queued on that runner like a run of this
     node's own, its replies streamed back as the runner makes them. Ends the run when the call
     ends; a refusal or failure is the call's status, with its reason.
     """
@@ -144,7 +145,8 @@ class PeerAsyncStub(PeerStub):
     """
     Generate: _aio.UnaryStreamMultiCallable[_peer_pb2.GenerateRequest, _peer_pb2.GenerateReply]  # type: ignore[assignment]
     """One run of an instance whose rank 0 (or whole model: a Rank of size 1) runs on this member,
-    asked by that instance's coordinator: queued on that rank's runner like a run of this
+    asked by that instance's coordinator, or of a model this member runs already for its own
+    clients (by content hash), asked by any member: queued on that runner like a run of this
     node's own, its replies streamed back as the runner makes them. Ends the run when the call
     ends; a refusal or failure is the call's status, with its reason.
     """
@@ -269,7 +271,8 @@ class PeerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_peer_pb2.GenerateReply], _abc.AsyncIterator[_peer_pb2.GenerateReply]]:
         """One run of an instance whose rank 0 (or whole model: a Rank of size 1) runs on this member,
-        asked by that instance's coordinator: queued on that rank's runner like a run of this
+        asked by that instance's coordinator, or of a model this member runs already for its own
+        clients (by content hash), asked by any member: queued on that runner like a run of this
         node's own, its replies streamed back as the runner makes them. Ends the run when the call
         ends; a refusal or failure is the call's status, with its reason.
         """
