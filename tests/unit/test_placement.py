@@ -55,9 +55,11 @@ def peer(node: str, room: int, state: str = "alive", has_model: bool = False) ->
     return Member(node, room, state=state, has_model=has_model)
 
 
-def whole(shape: Shape, node: str) -> Plan:
+def whole(shape: Shape, node: str, *, loaded: bool = False) -> Plan:
     return Plan(
-        whole_on=node, ranks=(Rank(0, node, 0, shape.layers - 1, estimate(shape.total_bytes)),)
+        whole_on=node,
+        ranks=(Rank(0, node, 0, shape.layers - 1, estimate(shape.total_bytes)),),
+        loaded=loaded,
     )
 
 
@@ -178,9 +180,9 @@ def test_of_several_that_fit_the_one_with_the_files_then_the_most_room() -> None
 def test_already_loaded_elsewhere_wins_over_this_node() -> None:
     shape = model()
     members = [me(100 * GIB), peer(B, 0)]  # loaded: its memory is taken by this very model
-    assert place(shape, members, local_id=ME, loaded_on=[B]) == whole(shape, B)
+    assert place(shape, members, local_id=ME, loaded_on=[B]) == whole(shape, B, loaded=True)
     # Loaded here and there: here.
-    assert place(shape, members, local_id=ME, loaded_on=[B, ME]) == whole(shape, ME)
+    assert place(shape, members, local_id=ME, loaded_on=[B, ME]) == whole(shape, ME, loaded=True)
 
 
 def test_loaded_on_a_member_that_is_not_reachable_does_not_count() -> None:
@@ -391,7 +393,9 @@ def test_forced_on_one_member_too_small() -> None:
     assert got.reason == "model_too_large"
     assert got.message.startswith(f"this model needs about 9.60 GiB; {B} has 2.00 GiB for a runner")
     # Loaded there already: it fits where it is.
-    assert place(shape, members, local_id=ME, forced=[B], loaded_on=[B]) == whole(shape, B)
+    assert place(shape, members, local_id=ME, forced=[B], loaded_on=[B]) == whole(
+        shape, B, loaded=True
+    )
 
 
 def test_forced_split_goes_in_the_order_given_even_where_it_would_fit_whole() -> None:
