@@ -35,12 +35,12 @@ def _load(model: Path) -> tuple[Any, Any]:
 
 @functools.cache
 def expected(model: Path, prompt: str, max_tokens: int, *, chat: bool = False) -> Expected:
-    """mlx_lm.generate(model, tokenizer, PROMPT, max_tokens=N) with default (greedy) sampling.
+    """What mlx_lm.generate(model, tokenizer, PROMPT, max_tokens=N) returns, with default
+    (greedy) sampling.
 
     With chat=True the prompt is the chat template applied to one user message, as the issue
     states: tokenizer.apply_chat_template([{"role": "user", ...}], add_generation_prompt=True).
     """
-    import mlx_lm
     from mlx_lm.generate import stream_generate
 
     lm, tokenizer = _load(model)
@@ -49,13 +49,14 @@ def expected(model: Path, prompt: str, max_tokens: int, *, chat: bool = False) -
         assert tokenizer.has_chat_template, f"{model} has no chat template"
         messages = [{"role": "user", "content": prompt}]
         request = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-    text = mlx_lm.generate(lm, tokenizer, request, max_tokens=max_tokens)
-    last = None
-    for last in stream_generate(lm, tokenizer, request, max_tokens=max_tokens):  # noqa: B007
-        pass
+    # One pass: mlx_lm.generate is exactly this loop's text joined (mlx_lm/generate.py), and
+    # the last response tells how many tokens and why it stopped.
+    pieces, last = [], None
+    for last in stream_generate(lm, tokenizer, request, max_tokens=max_tokens):
+        pieces.append(last.text)
     assert last is not None
     return Expected(
-        text=str(text),
+        text="".join(pieces),
         generation_tokens=int(last.generation_tokens),
         finish_reason=str(last.finish_reason),
     )
