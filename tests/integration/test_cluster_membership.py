@@ -58,11 +58,17 @@ class Nodes:
     stream: tuple[subprocess.Popen[bytes], LineReader] | None = None  # A's long run
 
 
+def own_model(node: Node) -> Path:
+    """A model of this node's own: content no other node's runner runs (a member whose runner
+    runs the same content would be where the plan sends this node's runs)."""
+    return demo_model(seed=ord(node.address[-1]))
+
+
 def long_run(node: Node) -> tuple[subprocess.Popen[bytes], LineReader]:
     """A run that streams tokens until it is interrupted, already generating."""
     proc = node.daemon.exoctl_bg(
         "run",
-        str(demo_model()),
+        str(own_model(node)),
         "Tell me a story",
         "--raw",
         "--json",
@@ -264,7 +270,7 @@ def test_with_the_ca_node_stopped_c_still_refuses_b_and_cannot_leave(nodes: Node
         assert (c.tls / "node.crt").exists()
         # Runs never need the CA's node: C's goes on, and a new one is served.
         still_generating(on_c)
-        assert c.daemon.ok("run", str(demo_model()), "hello", "--max-tokens", "2").code == 0
+        assert c.daemon.ok("run", str(own_model(c)), "hello", "--max-tokens", "2").code == 0
     finally:
         a.daemon.start()
     still_generating(on_c)
@@ -279,7 +285,7 @@ def test_with_the_ca_node_stopped_c_still_refuses_b_and_cannot_leave(nodes: Node
 def test_c_leaves_and_is_in_no_cluster_with_its_model_still_loaded(nodes: Nodes) -> None:
     a, c = nodes.a, nodes.c
     c_id, cluster = c.id, c.daemon.status()["cluster"]
-    c.daemon.ok("run", str(demo_model()), "hello", "--max-tokens", "2")
+    c.daemon.ok("run", str(own_model(c)), "hello", "--max-tokens", "2")
     runner = live_runner(c)
     left = c.daemon.ok("cluster", "leave", "--json").json_lines()[0]
     assert left == {"left": cluster, "node_id": c_id}

@@ -433,9 +433,13 @@ def test_a_model_no_node_holds_whole_is_split_without_being_asked(pair: Pair) ->
     pair.b.daemon.stop()
     pair.b.daemon.env["EXOD_MAX_RUNNER_MEMORY"] = "8G"
     pair.b.daemon.start()
-    assert wait_until(lambda: _state(pair.a, b_id) == "alive", 15, poll=0.2)
-    plan = json.loads(pair.a.daemon.ok("place", str(model), "--json").stdout)
-    assert plan["whole_on"] == b_id, plan
+
+    def placed_on_b() -> bool:  # once A has heard B's new cap
+        return (
+            json.loads(pair.a.daemon.ok("place", str(model), "--json").stdout)["whole_on"] == b_id
+        )
+
+    assert wait_until(placed_on_b, 15, poll=0.5)
     there = pair.a.daemon.ok("run", str(model), PROMPT, "--raw", "--max-tokens", "30")
     assert there.text == whole
     (instance,) = pair.a.daemon.status()["instances"]
