@@ -435,9 +435,8 @@ def test_a_model_no_node_holds_whole_is_split_without_being_asked(pair: Pair) ->
     pair.b.daemon.start()
 
     def placed_on_b() -> bool:  # once A has heard B's new cap
-        return (
-            json.loads(pair.a.daemon.ok("place", str(model), "--json").stdout)["whole_on"] == b_id
-        )
+        plan = json.loads(pair.a.daemon.ok("place", str(model), "--json").stdout)
+        return bool(plan["whole_on"] == b_id)
 
     assert wait_until(placed_on_b, 15, poll=0.5)
     there = pair.a.daemon.ok("run", str(model), PROMPT, "--raw", "--max-tokens", "30")
