@@ -15,7 +15,7 @@ from typing import TypeVar
 import grpc
 
 from exod.cluster import tls_store
-from exod.cluster.peer_server import KEEPALIVE, endpoint
+from exod.cluster.peer_server import endpoint, peer_channel
 from exod.errors import REASONS, ExoError, peer_reason
 from exod.eventlog.fold import MemberView
 from exod.proto.exo.v1 import peer_pb2_grpc
@@ -43,13 +43,9 @@ async def call(
             f"this node knows no address of the CA's node {who}, so it cannot {doing}: start "
             "exod there and let it reach this node, then retry",
         )
-    credentials = grpc.ssl_channel_credentials(
-        material.ca_cert, material.node_key, material.node_cert
-    )
-    options = [("grpc.ssl_target_name_override", ca_node.id), *KEEPALIVE]
     targets = [endpoint(a, ca_node.port) for a in ca_node.addresses]
     for target in targets:
-        async with grpc.aio.secure_channel(target, credentials, options=options) as channel:
+        async with peer_channel(material, ca_node.id, target) as channel:
             try:
                 return await what(peer_pb2_grpc.PeerStub(channel), timeout)
             except grpc.aio.AioRpcError as e:

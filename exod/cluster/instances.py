@@ -28,7 +28,7 @@ import grpc
 
 from exod.cluster import tls_store, versions
 from exod.cluster.control import Cluster
-from exod.cluster.peer_server import KEEPALIVE, endpoint
+from exod.cluster.peer_server import endpoint, peer_channel
 from exod.cluster.placement import Plan, Rank
 from exod.cluster.planning import Planner
 from exod.cluster.protocol import PROTOCOL_VERSION
@@ -317,12 +317,8 @@ class Instances:
     ) -> None:
         """Ask the member to run its rank; return once it says its runner is spawned."""
         member, timeout = link.member, self._settings.peer_timeout
-        credentials = grpc.ssl_channel_credentials(
-            material.ca_cert, material.node_key, material.node_cert
-        )
-        options = [("grpc.ssl_target_name_override", member.id), *KEEPALIVE]
         target = endpoint(member.addresses[0], member.port)
-        link.channel = grpc.aio.secure_channel(target, credentials, options=options)
+        link.channel = peer_channel(material, member.id, target)
         start = peer_pb2.RankStart(
             instance_id=instance.id,
             key=link.key,
@@ -567,12 +563,7 @@ class Instances:
                 f"this node cannot reach node {member.id}: start exod there and let it reach "
                 "this node, then retry",
             )
-        credentials = grpc.ssl_channel_credentials(
-            material.ca_cert, material.node_key, material.node_cert
-        )
-        options = [("grpc.ssl_target_name_override", member.id), *KEEPALIVE]
-        target = endpoint(member.addresses[0], member.port)
-        return grpc.aio.secure_channel(target, credentials, options=options)
+        return peer_channel(material, member.id, endpoint(member.addresses[0], member.port))
 
     async def _relay(
         self,

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, cast
 import grpc
 import psutil
 
-from exod.cluster import pki, weights_receive
+from exod.cluster import pki, tls_store, weights_receive
 from exod.cluster.protocol import PROTOCOL_VERSION, check_version
 from exod.cluster.rank_host import RankHost
 from exod.cluster.replicated import REPLICATED_KINDS
@@ -462,6 +462,17 @@ def check_port(bind: str, port: int) -> None:
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
         probe.bind((bind, port))
+
+
+def peer_channel(material: tls_store.Material, node_id: str, target: str) -> grpc.aio.Channel:
+    """A channel to another member's peer port at `target` (host:port) under mutual TLS: this
+    node's certificate, and the member's checked to be of this cluster and to name `node_id`, so
+    that no other member can stand in for it."""
+    credentials = grpc.ssl_channel_credentials(
+        material.ca_cert, material.node_key, material.node_cert
+    )
+    options = [("grpc.ssl_target_name_override", node_id), *KEEPALIVE]
+    return grpc.aio.secure_channel(target, credentials, options=options)
 
 
 def endpoint(bind: str, port: int) -> str:

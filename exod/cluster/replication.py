@@ -31,7 +31,7 @@ import grpc
 
 from exod.cluster import tls_store
 from exod.cluster.candidates import Act, Candidate, Me, decide
-from exod.cluster.peer_server import KEEPALIVE, endpoint
+from exod.cluster.peer_server import endpoint, peer_channel
 from exod.cluster.placement import usable_memory
 from exod.cluster.protocol import PROTOCOL_VERSION, check_version
 from exod.cluster.replicated import Gap, backoff, check_next, liveness
@@ -250,12 +250,7 @@ class Replication:
             target = endpoint(address, port)
             link.wake.clear()
             try:
-                credentials = grpc.ssl_channel_credentials(
-                    material.ca_cert, material.node_key, material.node_cert
-                )
-                # The member's certificate must name its id: another member cannot stand in.
-                options = [("grpc.ssl_target_name_override", member.id), *KEEPALIVE]
-                async with grpc.aio.secure_channel(target, credentials, options=options) as ch:
+                async with peer_channel(material, member.id, target) as ch:
                     stub = peer_pb2_grpc.PeerStub(ch)
                     await self._hello(stub, link)
                     attempt = 0

@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 
 from exod.cluster import tls_store
-from exod.cluster.peer_server import KEEPALIVE, endpoint
+from exod.cluster.peer_server import endpoint, peer_channel
 from exod.cluster.protocol import PROTOCOL_VERSION
 from exod.errors import REASONS, ExoError, peer_reason
 from exod.eventlog.fold import MemberView
@@ -132,13 +132,9 @@ async def push(
             f"this node knows no address of node {member.id}, so it cannot send it a model: "
             "start exod there and let it reach this node, then retry",
         )
-    credentials = grpc.ssl_channel_credentials(
-        material.ca_cert, material.node_key, material.node_cert
-    )
-    options = [("grpc.ssl_target_name_override", member.id), *KEEPALIVE]
     targets = [endpoint(a, member.port) for a in member.addresses]
     for target in targets:
-        async with grpc.aio.secure_channel(target, credentials, options=options) as channel:
+        async with peer_channel(material, member.id, target) as channel:
             stub = peer_pb2_grpc.PeerStub(channel)
             try:
                 held = await stub.HasModel(
