@@ -230,10 +230,8 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         context: grpc.aio.ServicerContext[peer_pb2.RankUp, peer_pb2.RankDown],
     ) -> AsyncIterator[peer_pb2.RankDown]:
         try:
-            caller = caller_id(cast("Ctx", context), self._ca_cert, time.time())
-            if self._ranks is None:
-                raise ExoError("internal", f"{self._id} cannot run a rank of a split model")
-            async for down in self._ranks.serve(request_iterator, caller):
+            ranks, caller = self._rank_host(cast("Ctx", context))
+            async for down in ranks.serve(request_iterator, caller):
                 yield down
         except ExoError as e:
             await abort(context, e)
@@ -244,13 +242,18 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         context: grpc.aio.ServicerContext[peer_pb2.GenerateRequest, peer_pb2.GenerateReply],
     ) -> AsyncIterator[peer_pb2.GenerateReply]:
         try:
-            caller = caller_id(cast("Ctx", context), self._ca_cert, time.time())
-            if self._ranks is None:
-                raise ExoError("internal", f"{self._id} cannot run a rank of a split model")
-            async for reply in self._ranks.generate(request, caller):
+            ranks, caller = self._rank_host(cast("Ctx", context))
+            async for reply in ranks.generate(request, caller):
                 yield reply
         except ExoError as e:
             await abort(context, e)
+
+    def _rank_host(self, context: Ctx) -> tuple[RankHost, str]:
+        """What runs ranks here, and the calling member's id."""
+        caller = caller_id(context, self._ca_cert, time.time())
+        if self._ranks is None:
+            raise ExoError("internal", f"{self._id} cannot run a rank of a split model")
+        return self._ranks, caller
 
     def _not_ca(self, doing: str) -> ExoError:
         return ExoError(
