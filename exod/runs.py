@@ -16,7 +16,8 @@ import secrets
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
-from exod.cluster.instances import Borrowed, Instances, Progress
+from exod.cluster import member_runs
+from exod.cluster.instances import Instances, Progress
 from exod.config import Settings
 from exod.errors import ExoError
 from exod.eventlog import StoreError
@@ -249,14 +250,14 @@ class Runs:
 
         if self.instances is not None and elsewhere is not None:
             # A member's runner runs it (an instance's rank 0, or its own): queued there.
-            started, job, relay = await self.instances.generate(elsewhere, generate)
+            started, job, relay = await member_runs.start(elsewhere, generate)
             try:
                 accept(started.runner_id, started.queue_position)
             except BaseException:
                 relay.cancel()
                 raise
             run = Run(run_id, started.runner_id, started.queue_position, job, self)
-            run.instance = "" if isinstance(elsewhere, Borrowed) else elsewhere[0].id
+            run.instance = elsewhere.instance_id
             run.relay = relay
             return run
         try:

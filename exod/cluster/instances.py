@@ -5,7 +5,10 @@ as one by the node that got the request.
 the weights where the member does not hold it (weights_push.push_layers), asks each member to
 run its rank over the peer call Rank (the member's side is rank_host.py), and then spawns rank 0
 here through the supervisor: a runner whose Load.rank is set, which runs are queued on like any
-runner's, so `exoctl run` and the HTTP API stream its tokens unchanged.
+runner's, so `exoctl run` and the HTTP API stream its tokens unchanged. When the plan leaves this
+node out (a split over other members, or the model whole on one: an instance of one rank), rank 0
+runs on its member, and runs go there over Generate (member_runs.py); likewise to a member's own
+runner when the plan finds the model loaded there.
 
 Stopping as one: each Rank stream is a member's lease. Whatever ends first ends them all: a
 member's rank that ends (its state `ended`), a member silent for EXOD_PEER_TIMEOUT, rank 0's
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -28,6 +32,7 @@ import grpc
 
 from exod.cluster import tls_store, versions
 from exod.cluster.control import Cluster
+from exod.cluster.member_runs import Target
 from exod.cluster.peer_server import endpoint, peer_channel
 from exod.cluster.placement import Plan, Rank
 from exod.cluster.planning import Planner
@@ -40,7 +45,6 @@ from exod.eventlog.fold import MemberView
 from exod.journal import Journal
 from exod.models.inspect import ModelFiles, content_hash
 from exod.proto.exo.v1 import control_pb2, events_pb2, peer_pb2, peer_pb2_grpc, runner_pb2
-from exod.runners.handle import Job
 from exod.runners.supervisor import Runner, Supervisor
 
 log = logging.getLogger(__name__)
@@ -68,15 +72,6 @@ class Link:
     total: int = 0  # bytes of its part: 0 until it is written out and hashed
 
 
-@dataclass(frozen=True)
-class Borrowed:
-    """A member's own runner of the same model (found by its content hash in the member's
-    replicated RunnerSpawned), that this node's runs are queued on: no instance, no lease."""
-
-    member: MemberView
-    content_hash: str
-
-
 @dataclass(eq=False)
 class Instance:
     id: str
@@ -90,11 +85,6 @@ class Instance:
     message: str = ""  # why it ended
     ending: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-
-
-# Where a run goes that no runner of this node's takes: an instance's rank 0 on a member (with
-# that rank's link), or a member's own runner.
-Elsewhere = tuple[Instance, Link] | Borrowed
 
 
 class Instances:
@@ -125,13 +115,13 @@ class Instances:
         files: ModelFiles,
         forced: list[str],
         progress: Progress = lambda _: None,
-    ) -> Elsewhere | None:
+    ) -> Target | None:
         """Where runs of `model` go when not to a runner of this node's: an instance's rank 0
         on a member (started here when the plan says so and none runs it yet), or a member's
-        own runner of the same model; None when it runs here. Without `forced` (no --on), a
-        plan for this node or for nowhere leaves the run to this node's own admission, as
-        outside a cluster. ExoError when it cannot start (every rank started is ended again
-        then)."""
+        own runner of the same model (member_runs.py); None when it runs here. Without
+        `forced` (no --on), a plan for this node or for nowhere leaves the run to this node's
+        own admission, as outside a cluster. ExoError when it cannot start (every rank
+        started is ended again then)."""
         if any(not node for node in forced):
             raise ExoError("invalid_argument", "an empty node id in --on: give node ids")
         if not forced and self._cluster.info() is None:
@@ -149,7 +139,11 @@ class Instances:
             if plan.loaded and plan.whole_on is not None and plan.whole_on != self._id:
                 # A member runs the same model for its own clients: runs join that runner.
                 digest = await asyncio.to_thread(content_hash, files.path)
-                return Borrowed(self._member(plan.whole_on), digest)
+                return Target(
+                    self._member(plan.whole_on),
+                    content_hash=digest,
+                    material=self._cluster.material,
+                )
             ranks = _ranks_here(plan, self._id)
             if ranks:
                 await self._start(model, files, ranks, progress)
@@ -505,118 +499,28 @@ class Instances:
 
     # --- runs on a rank 0 elsewhere ---------------------------------------------------------------
 
-    def lead_elsewhere(self, model_path: str) -> tuple[Instance, Link] | None:
-        """The instance that runs `model_path` with its rank 0 (or whole model) on a member,
-        with that rank's link; None when there is none."""
+    def lead_elsewhere(self, model_path: str) -> Target | None:
+        """Rank 0 (or the whole model) on a member of the instance that runs `model_path`;
+        None when no instance runs it that way."""
         for instance in self.instances.values():
-            if instance.model_path == model_path and instance.runner is None:
-                lead = next((k for k in instance.links if k.rank.rank == 0), None)
-                if lead is not None and not instance.ending.is_set():
-                    return instance, lead
+            if instance.model_path != model_path or instance.runner is not None:
+                continue
+            lead = next((k for k in instance.links if k.rank.rank == 0), None)
+            if lead is not None and not instance.ending.is_set():
+                return Target(
+                    lead.member,
+                    instance_id=instance.id,
+                    channel=lead.channel,
+                    ended=functools.partial(_end_of, instance),
+                )
         return None
 
-    async def generate(
-        self, elsewhere: Elsewhere, generate: runner_pb2.Generate
-    ) -> tuple[peer_pb2.GenerateStarted, Job, asyncio.Task[None]]:
-        """Queue a run on a runner of a member (an instance's rank 0, or its own): how it
-        started there, the job its replies arrive on (as a local runner's would), and the task
-        that relays them (cancel it to end the run)."""
-        request = peer_pb2.GenerateRequest(protocol_version=PROTOCOL_VERSION, generate=generate)
-        instance: Instance | None = None
-        owned: grpc.aio.Channel | None = None  # a channel of this run's own, closed with it
-        if isinstance(elsewhere, Borrowed):
-            member = elsewhere.member
-            request.content_hash = elsewhere.content_hash
-            channel = owned = self._channel(member)
-        else:
-            instance, lead = elsewhere
-            member = lead.member
-            request.instance_id = instance.id
-            if lead.channel is None:
-                raise ExoError("rank_failed", f"instance {instance.id} has no link to {member.id}")
-            channel = lead.channel
-        call = peer_pb2_grpc.PeerStub(channel).Generate(request)
-        replies = aiter(call)
-        try:
-            first = await anext(replies)
-        except grpc.aio.AioRpcError as e:
-            if owned is not None:
-                await owned.close(grace=None)
-            raise _run_failure(instance, e, member.id) from None
-        except StopAsyncIteration:
-            raise ExoError("rank_failed", f"node {member.id} ended the run at once") from None
-        except BaseException:
-            if owned is not None:
-                await owned.close(grace=None)
-            raise
-        job = Job(run_id=generate.request_id, request=generate)
-        relay = asyncio.create_task(
-            self._relay(instance, member.id, call=call, replies=replies, job=job, owned=owned)
-        )
-        return first.started, job, relay
 
-    def _channel(self, member: MemberView) -> grpc.aio.Channel:
-        material = self._cluster.material
-        if material is None or not member.addresses:
-            raise ExoError(
-                "peer_unreachable",
-                f"this node cannot reach node {member.id}: start exod there and let it reach "
-                "this node, then retry",
-            )
-        return peer_channel(material, member.id, endpoint(member.addresses[0], member.port))
-
-    async def _relay(
-        self,
-        instance: Instance | None,
-        member: str,
-        *,
-        call: grpc.aio.UnaryStreamCall[peer_pb2.GenerateRequest, peer_pb2.GenerateReply],
-        replies: AsyncIterator[peer_pb2.GenerateReply],
-        job: Job,
-        owned: grpc.aio.Channel | None,
-    ) -> None:
-        try:
-            async for reply in replies:
-                which = reply.WhichOneof("msg")
-                if which == "progress":
-                    job.out.put_nowait(reply.progress)
-                elif which == "tokens":
-                    job.out.put_nowait(reply.tokens)
-                elif which == "done":
-                    job.finish(reply.done)
-                    return
-            job.finish(ExoError("rank_failed", f"node {member} ended the run before its end"))
-        except grpc.aio.AioRpcError as e:
-            job.finish(_run_failure(instance, e, member))
-        except asyncio.CancelledError:
-            call.cancel()  # the member ends the run
-            job.finish(ExoError("cancelled", "cancelled"))
-            raise
-        finally:
-            if owned is not None:
-                await owned.close(grace=None)
-
-
-def _run_failure(instance: Instance | None, e: grpc.aio.AioRpcError, member: str) -> ExoError:
-    """Why a run on a member's runner ended: the instance's end when it has ended (that closes
-    the call), else the member's reason as it gave it."""
-    if instance is not None and instance.ending.is_set():
-        return ExoError(instance.reason or "rank_failed", instance.message)
-    reason = peer_reason(e)
-    if reason is not None:
-        return ExoError(reason, e.details() or "")
-    if e.code() in _GONE:
-        return ExoError(
-            "peer_unreachable",
-            f"node {member}, which runs this model, went away mid-run: retry once it is back",
-        )
-    if e.code() == grpc.StatusCode.UNIMPLEMENTED:
-        return ExoError(
-            "protocol_mismatch",
-            f"node {member} runs an earlier exod that cannot take this node's runs: upgrade "
-            "exod there",
-        )
-    return ExoError("internal", f"node {member} failed the run: {e.details()}")
+def _end_of(instance: Instance) -> ExoError | None:
+    """Why the instance ended, once it has: what its runs fail with."""
+    if not instance.ending.is_set():
+        return None
+    return ExoError(instance.reason or "rank_failed", instance.message)
 
 
 _GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
