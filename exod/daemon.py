@@ -295,6 +295,12 @@ async def serve_until_stopped(
     settings: Settings, node: Node, runs: Runs, notifier: Notifier
 ) -> None:
     """Listen on every endpoint, enforce limits, and on SIGTERM drain: runners first."""
+    # Before anything listens: a SIGTERM that comes while exod starts (its socket may already
+    # answer while mDNS starts) must stop it cleanly once started, not end it where it stands.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         http = await openai_server.start(settings, runs)
     except openai_server.CannotServe as e:
@@ -328,10 +334,6 @@ async def serve_until_stopped(
         http.close()
         raise Refused(Exit.CONFIG, str(e)) from e
     log.info("exod %s serving on %s (node %s)", __version__, settings.socket, node.id)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     supervisor = runs.supervisor
     enforcer = asyncio.create_task(supervisor.watch())
     # Ready only now: the log is replayed and the socket accepts connections.

@@ -146,3 +146,20 @@ def test_sigkill_with_an_idle_runner_ends_it_and_closes_only_it(exod: Daemon, qw
     assert added[0]["runner_id"] == runner["id"]
     assert added[0]["reason"] == "interrupted"
     assert_no_ghosts(exod)
+
+
+def test_a_sigterm_as_the_socket_appears_stops_exod_cleanly(tmp_path: Path) -> None:
+    """A service manager may stop exod while it starts: its socket already answers while the
+    rest still starts. It must stop as from SIGTERM at any other time: exit 0, socket removed,
+    NodeStopped in the log. (It was ended by the signal's default action, 20 times in 20.)"""
+    d = Daemon.create(tmp_path / "home")
+    try:
+        for _ in range(3):
+            d.start(wait=False)
+            assert wait_until(d.socket.exists, 30.0, poll=0.001)
+            assert d.stop(signal.SIGTERM) == 0, d.log()
+            assert not d.socket.exists()
+        d.start()
+        assert len(of_kind(d.events(), "NodeStopped")) == 3, d.log()
+    finally:
+        d.cleanup()
