@@ -248,7 +248,7 @@ class Runs:
             self.awake.run_started(run_id)
             placed.append((runner_id, position))
 
-        if self.instances is not None and elsewhere is not None:
+        if elsewhere is not None:
             # A member's runner runs it (an instance's rank 0, or its own): queued there.
             started, job, relay = await member_runs.start(elsewhere, generate)
             try:
@@ -256,10 +256,15 @@ class Runs:
             except BaseException:
                 relay.cancel()
                 raise
-            run = Run(run_id, started.runner_id, started.queue_position, job, self)
-            run.instance = elsewhere.instance_id
-            run.relay = relay
-            return run
+            return Run(
+                run_id,
+                started.runner_id,
+                started.queue_position,
+                job,
+                self,
+                instance=elsewhere.instance_id,
+                relay=relay,
+            )
         try:
             job = await self.supervisor.submit(
                 request.model, str(files.path), run_id, generate, accept, need=need

@@ -43,7 +43,7 @@ from exod.errors import ExoError, peer_reason
 from exod.eventlog import StoreError
 from exod.eventlog.fold import MemberView
 from exod.journal import Journal
-from exod.models.inspect import ModelFiles, content_hash
+from exod.models.inspect import ModelFiles
 from exod.proto.exo.v1 import control_pb2, events_pb2, peer_pb2, peer_pb2_grpc, runner_pb2
 from exod.runners.supervisor import Runner, Supervisor
 
@@ -138,10 +138,9 @@ class Instances:
                 return None
             if plan.loaded and plan.whole_on is not None and plan.whole_on != self._id:
                 # A member runs the same model for its own clients: runs join that runner.
-                digest = await asyncio.to_thread(content_hash, files.path)
                 return Target(
                     self._member(plan.whole_on),
-                    content_hash=digest,
+                    content_hash=plan.content_hash,
                     material=self._cluster.material,
                 )
             ranks = _ranks_here(plan, self._id)

@@ -60,6 +60,8 @@ class Plan:
     refused: Refused | None = None
     # whole_on runs the model already (a runner there): runs go to that runner.
     loaded: bool = False
+    # The model's content hash (models/inspect.py), as planning.py read it for this plan.
+    content_hash: str = ""
 
 
 def usable_memory(free: int, reserved: int, cap: int) -> int:

@@ -79,4 +79,4 @@ class Planner:
             plan.refused is None or plan.refused.reason == "model_too_large"
         ):
             plan = plan_for(await self._pipeline.supports(files.path, digest))
-        return plan
+        return replace(plan, content_hash=digest)
