@@ -41,6 +41,9 @@ class Ending:
 # The innermost phase's ending is the one in force; the bottom one is for everything else.
 _endings: list[Ending] = [Ending()]
 
+# Set by the first Ctrl-C; a later one finds it and leaves the ending to the first.
+_ending_now = False
+
 
 def install() -> None:
     """Route SIGINT to the handler below; called before anything slow is imported."""
@@ -64,8 +67,16 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _on_sigint(signum: int, frame: FrameType | None) -> None:
-    # A second Ctrl-C from here on is ignored by the kernel, so the line is written once.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A second Ctrl-C runs this again, between two bytecodes of the first call. Either it finds
+    # the flag and returns, or it came before the flag was set and ends exoctl itself, and the
+    # first call never resumes: the line is written once. The handler is never switched to
+    # SIG_IGN instead: a second Ctrl-C that CPython has already noted but not yet handled when
+    # the switch lands is reported as "OSError: Signal 2 ignored due to race condition" with a
+    # traceback on stderr (seen in CI, once in about forty double Ctrl-Cs on a loaded machine).
+    global _ending_now
+    if _ending_now:
+        return
+    _ending_now = True
     end = _endings[-1]
     # What the command wrote and flushed is out already; this pushes out the rest. It fails
     # harmlessly (reentrant call, closed pipe) when the signal landed inside a write.

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import signal
+
+import pytest
 
 from exoctl import interrupt
 from exoctl.run import CANCELLED, RunOutput
@@ -48,3 +51,26 @@ def test_a_json_run_cut_short_ends_with_its_error_line() -> None:
         "exit_code": 130,
     }
     assert out.ending(CANCELLED).endswith(b"}\n")
+
+
+class Ended(Exception):
+    """Stands in for os._exit, so that the handler can be called in this process."""
+
+
+def test_a_second_ctrl_c_while_the_first_ends_exoctl_says_nothing(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    def exit_(code: int) -> None:
+        raise Ended(code)
+
+    monkeypatch.setattr(interrupt.os, "_exit", exit_)
+    monkeypatch.setattr(interrupt, "_ending_now", False)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Ended) as ended:
+        interrupt._on_sigint(signal.SIGINT, None)
+    assert ended.value.args == (130,)
+    interrupt._on_sigint(signal.SIGINT, None)  # the second: returns, writes nothing
+    assert capfd.readouterr().err == "exoctl: interrupted.\n"
+    # The handler stays in place: switching it to SIG_IGN lets CPython print a traceback for a
+    # second signal it had noted before the switch ("Signal 2 ignored due to race condition").
+    assert signal.getsignal(signal.SIGINT) is handler
