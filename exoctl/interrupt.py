@@ -73,7 +73,7 @@ def _on_sigint(signum: int, frame: FrameType | None) -> None:
     # SIG_IGN instead: a second Ctrl-C that CPython has already noted but not yet handled when
     # the switch lands is reported as "OSError: Signal 2 ignored due to race condition" with a
     # traceback on stderr (seen in CI, once in about forty double Ctrl-Cs on a loaded machine).
-    global _ending_now
+    global _ending_now  # noqa: PLW0603  # one flag, set once, read by the next call
     if _ending_now:
         return
     _ending_now = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 
 import pytest
@@ -63,7 +64,7 @@ def test_a_second_ctrl_c_while_the_first_ends_exoctl_says_nothing(
     def exit_(code: int) -> None:
         raise Ended(code)
 
-    monkeypatch.setattr(interrupt.os, "_exit", exit_)
+    monkeypatch.setattr(os, "_exit", exit_)
     monkeypatch.setattr(interrupt, "_ending_now", False)
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(Ended) as ended:
