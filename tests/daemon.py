@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -313,6 +314,11 @@ def group_alive(pgid: int) -> list[int]:
         except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
             continue
     return alive
+
+
+def timestamp(rfc3339: str) -> float:
+    """A time as exoctl's JSON writes it (an event's ts, a node's last_seen), as time.time()."""
+    return datetime.fromisoformat(rfc3339).timestamp()
 
 
 def wait_until(check: Callable[[], bool], timeout: float, poll: float = 0.02) -> bool:

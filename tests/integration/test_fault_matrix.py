@@ -25,13 +25,12 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.daemon import Daemon, pids_alive, read_some, wait_until
+from tests.daemon import Daemon, pids_alive, read_some, timestamp, wait_until
 from tests.faults import (
     LONG,
     PROMPT,
@@ -317,7 +316,7 @@ PHASES: dict[str, Callable[[Trial, Fault, Path], None]] = {
 
 
 def ts(event: dict[str, Any]) -> float:
-    return datetime.fromisoformat(event["ts"]).timestamp()
+    return timestamp(event["ts"])
 
 
 def check_client(t: Trial, index: int, reason: str, fault: Fault) -> None:

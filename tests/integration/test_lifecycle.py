@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 import signal
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tests.daemon import ALIVE_STATES, Daemon, Event, group_alive, read_some, stderr_of, wait_until
+from tests.daemon import (
+    ALIVE_STATES,
+    Daemon,
+    Event,
+    group_alive,
+    read_some,
+    stderr_of,
+    timestamp,
+    wait_until,
+)
 from tests.reference import expected
 
 PROMPT = "Once upon a time"
@@ -31,7 +39,7 @@ def runner_state(d: Daemon, runner_id: str) -> str:
 
 
 def ts(event: Event) -> float:
-    return datetime.fromisoformat(event["ts"]).timestamp()
+    return timestamp(event["ts"])
 
 
 def of_kind(events: list[Event], kind: str, **fields: Any) -> list[Event]:
