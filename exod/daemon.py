@@ -23,6 +23,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
+import grpc
+from grpc_health.v1._async import HealthServicer
+
 from exod import __version__, config
 from exod.cluster import tls_store
 from exod.cluster.control import CannotListen, Cluster, tls_dir
@@ -191,6 +194,29 @@ def check_socket_path(path: Path) -> None:
             )
 
 
+def _claim_socket(path: Path) -> None:
+    """Clear a stale socket at path; Refused when another server listens there."""
+    try:
+        control_server.prepare_socket(path)
+    except OSError as e:
+        raise cannot("listen on", path, e, SOCKET_FIX) from e
+    except control_server.SocketInUse as e:
+        raise Refused(Exit.TEMPFAIL, f"{e}: is another exod using it?") from e
+
+
+async def _listen(path: Path, control: ControlService) -> tuple[grpc.aio.Server, HealthServicer]:
+    """Start answering exoctl on the control socket."""
+    try:
+        return await control_server.start(path, control)
+    except OSError as e:
+        raise cannot("listen on", path, e, SOCKET_FIX) from e
+    except control_server.SocketInUse as e:
+        raise Refused(Exit.TEMPFAIL, f"{e}: is another exod using it?") from e
+    except RuntimeError as e:  # gRPC's bind failure; check_socket_path caught the usual causes
+        fix = SOCKET_FIX.format(user=config.user_name())
+        raise Refused(Exit.CONFIG, f"cannot listen on {path}: {e}; {fix}") from e
+
+
 def close_interrupted(journal: Journal) -> None:
     """Close every runner, run and split model's instance that the log says was alive: they
     died with the last exod."""
@@ -295,7 +321,7 @@ async def serve_until_stopped(
     settings: Settings, node: Node, runs: Runs, notifier: Notifier
 ) -> None:
     """Listen on every endpoint, enforce limits, and on SIGTERM drain: runners first."""
-    # Before anything listens: a SIGTERM that comes while exod starts (its socket may already
+    # Before anything listens: a SIGTERM that comes while exod starts (the HTTP port may already
     # answer while mDNS starts) must stop it cleanly once started, not end it where it stands.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -305,16 +331,6 @@ async def serve_until_stopped(
         http = await openai_server.start(settings, runs)
     except openai_server.CannotServe as e:
         raise Refused(e.code, str(e)) from e
-    try:
-        control = ControlService(node, runs)
-        server, checker = await control_server.start(settings.socket, control)
-    except OSError as e:
-        raise cannot("listen on", settings.socket, e, SOCKET_FIX) from e
-    except control_server.SocketInUse as e:
-        raise Refused(Exit.TEMPFAIL, f"{e}: is another exod using it?") from e
-    except RuntimeError as e:  # gRPC's bind failure; check_socket_path caught the usual causes
-        fix = SOCKET_FIX.format(user=config.user_name())
-        raise Refused(Exit.CONFIG, f"cannot listen on {settings.socket}: {e}; {fix}") from e
     finder = Finder(
         node.id,
         node.cluster,
@@ -324,15 +340,23 @@ async def serve_until_stopped(
         interfaces=settings.mdns_interfaces,
     )
     try:
+        # The control socket accepts last, so that whoever finds exod answering (`exoctl status
+        # --wait`, a script, a test) finds all of it: a member's peer and join ports listening,
+        # mDNS announcing. Another server on the socket is still the first thing reported.
+        _claim_socket(settings.socket)
         # A member listens on its peer port again; a node in no cluster listens on none.
         await node.cluster.start()
         # mDNS pinned to an address this machine lacks is a setting to fix: refuse to start.
         await finder.start()
-    except (CannotListen, DiscoveryError) as e:
+        control = ControlService(node, runs)
+        server, checker = await _listen(settings.socket, control)
+    except BaseException as e:
+        await finder.stop()
         await node.cluster.stop()
-        await server.stop(grace=None)
         http.close()
-        raise Refused(Exit.CONFIG, str(e)) from e
+        if isinstance(e, CannotListen | DiscoveryError):
+            raise Refused(Exit.CONFIG, str(e)) from e
+        raise
     log.info("exod %s serving on %s (node %s)", __version__, settings.socket, node.id)
     supervisor = runs.supervisor
     enforcer = asyncio.create_task(supervisor.watch())
