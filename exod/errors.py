@@ -152,3 +152,27 @@ def peer_reason(e: grpc.aio.AioRpcError) -> str | None:
     pairs = cast("list[tuple[str, str | bytes]]", list(e.trailing_metadata() or ()))
     reason = next((v for k, v in pairs if k == REASON_KEY), "")
     return reason if isinstance(reason, str) and reason in REASONS else None
+
+
+def from_peer(
+    e: grpc.aio.AioRpcError,
+    failed: str,
+    *,
+    refused: str | None = None,
+    gone: tuple[grpc.StatusCode, ...] = (),
+    unreachable: str = "",
+    unimplemented: str | None = None,
+) -> ExoError:
+    """Another exod's failed call as an ExoError, the first that applies: the reason it gave
+    (saying `refused`, else its own words or the reason's summary); peer_unreachable, saying
+    `unreachable`, for a code in `gone`; protocol_mismatch, saying `unimplemented`, when its
+    release lacks the call; else internal: `failed`, then what gRPC said."""
+    reason = peer_reason(e)
+    if reason is not None:
+        said = refused if refused is not None else e.details() or REASONS[reason].summary
+        return ExoError(reason, said)
+    if e.code() in gone:
+        return ExoError("peer_unreachable", unreachable)
+    if unimplemented is not None and e.code() == grpc.StatusCode.UNIMPLEMENTED:
+        return ExoError("protocol_mismatch", unimplemented)
+    return ExoError("internal", f"{failed}: {e.details()}")

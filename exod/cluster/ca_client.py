@@ -16,7 +16,7 @@ import grpc
 
 from exod.cluster import tls_store
 from exod.cluster.peer_server import endpoint, peer_channel
-from exod.errors import REASONS, ExoError, peer_reason
+from exod.errors import ExoError, from_peer
 from exod.eventlog.fold import MemberView
 from exod.proto.exo.v1 import peer_pb2_grpc
 
@@ -61,14 +61,10 @@ async def call(
 
 
 def refusal(e: grpc.aio.AioRpcError, who: str, doing: str) -> ExoError:
-    reason = peer_reason(e)
-    if reason is not None:
-        return ExoError(reason, e.details() or REASONS[reason].summary)
-    if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+    return from_peer(
+        e,
+        f"the CA's node {who} failed the call",
         # A CA's node of an earlier release (peer protocol 1.0): it serves Leave and Renew only.
-        return ExoError(
-            "protocol_mismatch",
-            f"the CA's node {who} runs an earlier exod that cannot {doing} for another member: "
-            "upgrade exod there, or run the command on that node",
-        )
-    return ExoError("internal", f"the CA's node {who} failed the call: {e.details()}")
+        unimplemented=f"the CA's node {who} runs an earlier exod that cannot {doing} for another "
+        "member: upgrade exod there, or run the command on that node",
+    )

@@ -39,7 +39,7 @@ from exod.cluster.planning import Planner
 from exod.cluster.protocol import PROTOCOL_VERSION
 from exod.cluster.weights_push import push_layers
 from exod.config import Settings
-from exod.errors import ExoError, peer_reason
+from exod.errors import ExoError, from_peer
 from exod.eventlog import StoreError
 from exod.eventlog.fold import MemberView
 from exod.journal import Journal
@@ -527,16 +527,13 @@ _GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.St
 
 def _refusal(e: grpc.aio.AioRpcError, member: str) -> ExoError:
     """A member's refusal of its rank, as it gave it."""
-    reason = peer_reason(e)
-    if reason is not None:
-        return ExoError(reason, f"node {member} refused its rank: {e.details()}")
-    if e.code() == grpc.StatusCode.UNIMPLEMENTED:
-        return ExoError(
-            "protocol_mismatch",
-            f"node {member} runs an earlier exod that cannot run a rank of a split model: "
-            "upgrade exod there, or leave it out of --on",
-        )
-    return ExoError("internal", f"node {member} failed to start its rank: {e.details()}")
+    return from_peer(
+        e,
+        f"node {member} failed to start its rank",
+        refused=f"node {member} refused its rank: {e.details()}",
+        unimplemented=f"node {member} runs an earlier exod that cannot run a rank of a split "
+        "model: upgrade exod there, or leave it out of --on",
+    )
 
 
 # Reasons rank 0's runner may be stopped for (exod/errors.py): anything else is rank_failed.

@@ -25,7 +25,7 @@ from exod.cluster import addresses, invite, pki, tls_store
 from exod.cluster.invite import Invite
 from exod.cluster.peer_server import KEEPALIVE, endpoint
 from exod.cluster.protocol import PROTOCOL_VERSION, check_version
-from exod.errors import REASONS, ExoError, peer_reason
+from exod.errors import ExoError, from_peer
 from exod.proto.exo.v1 import events_pb2, peer_pb2, peer_pb2_grpc
 
 
@@ -199,13 +199,11 @@ def ca_node_of(reply: peer_pb2.JoinReply, inviter: Inviter) -> str:
 
 
 def _refusal(e: grpc.aio.AioRpcError, target: str, timeout: float) -> ExoError:
-    reason = peer_reason(e)
-    if reason is not None:
-        return ExoError(reason, e.details() or REASONS[reason].summary)
-    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return ExoError(
-            "peer_unreachable",
-            f"the inviter at {target} stopped answering within {timeout:g}s (EXOD_PEER_TIMEOUT): "
-            "retry `exoctl cluster join` with the same token, or ask for a new invite",
-        )
-    return ExoError("internal", f"the inviter at {target} failed the join: {e.details()}")
+    return from_peer(
+        e,
+        f"the inviter at {target} failed the join",
+        gone=(grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED),
+        unreachable=f"the inviter at {target} stopped answering within {timeout:g}s "
+        "(EXOD_PEER_TIMEOUT): retry `exoctl cluster join` with the same token, or ask for a new "
+        "invite",
+    )

@@ -20,7 +20,7 @@ import grpc
 from exod.cluster import tls_store
 from exod.cluster.peer_server import endpoint, peer_channel
 from exod.cluster.protocol import PROTOCOL_VERSION
-from exod.errors import ExoError, peer_reason
+from exod.errors import ExoError, from_peer
 from exod.eventlog.fold import MemberView
 from exod.proto.exo.v1 import peer_pb2, peer_pb2_grpc, runner_pb2
 from exod.runners.handle import Job
@@ -125,18 +125,13 @@ def _failure(target: Target, e: grpc.aio.AioRpcError) -> ExoError:
     if ended is not None:
         return ended
     member = target.member.id
-    reason = peer_reason(e)
-    if reason is not None:
-        return ExoError(reason, e.details() or "")
-    if e.code() in _GONE:
-        return ExoError(
-            "peer_unreachable",
-            f"node {member}, which runs this model, went away mid-run: retry once it is back",
-        )
-    if e.code() == grpc.StatusCode.UNIMPLEMENTED:
-        return ExoError(
-            "protocol_mismatch",
-            f"node {member} runs an earlier exod that cannot take this node's runs: upgrade "
-            "exod there",
-        )
-    return ExoError("internal", f"node {member} failed the run: {e.details()}")
+    return from_peer(
+        e,
+        f"node {member} failed the run",
+        refused=e.details() or "",
+        gone=_GONE,
+        unreachable=f"node {member}, which runs this model, went away mid-run: retry once it is "
+        "back",
+        unimplemented=f"node {member} runs an earlier exod that cannot take this node's runs: "
+        "upgrade exod there",
+    )

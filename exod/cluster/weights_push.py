@@ -28,7 +28,7 @@ import grpc
 from exod.cluster import tls_store
 from exod.cluster.peer_server import endpoint, peer_channel
 from exod.cluster.protocol import PROTOCOL_VERSION
-from exod.errors import REASONS, ExoError, peer_reason
+from exod.errors import ExoError, from_peer
 from exod.eventlog.fold import MemberView
 from exod.models.manifest import Manifest, manifest_of
 from exod.proto.exo.v1 import peer_pb2, peer_pb2_grpc
@@ -275,16 +275,12 @@ async def _answer(call: PushCall) -> peer_pb2.PushModelReply:
 
 def refusal(e: grpc.aio.AioRpcError, member: str) -> ExoError:
     """A member's answer as an ExoError: its reason and message as it gave them."""
-    reason = peer_reason(e)
-    if reason is not None:
-        return ExoError(reason, e.details() or REASONS[reason].summary)
-    if e.code() == grpc.StatusCode.UNIMPLEMENTED:
-        return ExoError(
-            "protocol_mismatch",
-            f"node {member} runs an earlier exod that cannot receive a model's weights: "
-            "upgrade exod there",
-        )
-    return ExoError("internal", f"node {member} failed to receive the model: {e.details()}")
+    return from_peer(
+        e,
+        f"node {member} failed to receive the model",
+        unimplemented=f"node {member} runs an earlier exod that cannot receive a model's "
+        "weights: upgrade exod there",
+    )
 
 
 async def push_layers(
