@@ -205,13 +205,11 @@ def _claim_socket(path: Path) -> None:
 
 
 async def _listen(path: Path, control: ControlService) -> tuple[grpc.aio.Server, HealthServicer]:
-    """Start answering exoctl on the control socket."""
+    """Start answering exoctl on the control socket (_claim_socket has cleared it)."""
     try:
         return await control_server.start(path, control)
     except OSError as e:
         raise cannot("listen on", path, e, SOCKET_FIX) from e
-    except control_server.SocketInUse as e:
-        raise Refused(Exit.TEMPFAIL, f"{e}: is another exod using it?") from e
     except RuntimeError as e:  # gRPC's bind failure; check_socket_path caught the usual causes
         fix = SOCKET_FIX.format(user=config.user_name())
         raise Refused(Exit.CONFIG, f"cannot listen on {path}: {e}; {fix}") from e

@@ -42,6 +42,7 @@ def prepare_socket(path: Path) -> None:
 
 
 async def start(path: Path, control: ControlService) -> tuple[grpc.aio.Server, HealthServicer]:
+    """Serve `control` on the socket at path, which prepare_socket has cleared."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -54,7 +55,6 @@ async def start(path: Path, control: ControlService) -> tuple[grpc.aio.Server, H
     reflection.enable_server_reflection(
         (CONTROL, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    prepare_socket(path)
     server.add_insecure_port(f"unix:{path}")
     await server.start()
     with contextlib.suppress(OSError):
